@@ -1,0 +1,167 @@
+import pytest
+import torch
+
+from conftest import tiny_config
+from convnextv2_hf import ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling, ConvNextV2Model
+from convnextv2_hf.masking import patchify, upsample_mask
+from convnextv2_hf.modeling_convnextv2 import ConvNextV2GRN
+from convnextv2_hf.sparse_backends import sparse_grn
+
+
+def test_grn_matches_hand_computed_case():
+    grn = ConvNextV2GRN(2)
+    with torch.no_grad():
+        grn.weight.copy_(torch.tensor([0.5, 2.0]).view(1, 1, 1, 2))
+        grn.bias.copy_(torch.tensor([0.1, -0.1]).view(1, 1, 1, 2))
+    # one sample, 1x2 spatial, 2 channels: channel 0 = (3, 4) -> norm 5; channel 1 = (0, 1) -> norm 1
+    x = torch.tensor([[[[3.0, 0.0], [4.0, 1.0]]]])
+    mean_norm = 3.0
+    n0, n1 = 5.0 / (mean_norm + 1e-6), 1.0 / (mean_norm + 1e-6)
+    expected = torch.tensor(
+        [[[[0.5 * 3 * n0 + 0.1 + 3, 2.0 * 0 * n1 - 0.1 + 0], [0.5 * 4 * n0 + 0.1 + 4, 2.0 * 1 * n1 - 0.1 + 1]]]]
+    )
+    torch.testing.assert_close(grn(x), expected)
+
+
+def test_sparse_grn_scopes():
+    grn = ConvNextV2GRN(3)
+    with torch.no_grad():
+        grn.weight.fill_(1.0)
+    x = torch.randn(2, 4, 4, 3)
+    torch.testing.assert_close(sparse_grn(grn, x, "sample"), grn(x))
+    batch_norm = torch.linalg.vector_norm(x, dim=(0, 1, 2))
+    relative = batch_norm / (batch_norm.mean() + 1e-6)
+    torch.testing.assert_close(sparse_grn(grn, x, "batch"), x * relative + x)
+
+
+def make_mim(**kwargs):
+    model = ConvNextV2ForMaskedImageModeling(tiny_config(**kwargs))
+    with torch.no_grad():  # non-zero GRN so its masking matters in the tests below
+        for name, p in model.named_parameters():
+            if "grn" in name:
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("scope", ["batch", "sample"])
+def test_masked_pixels_do_not_reach_visible_cells_or_loss(scope):
+    model = make_mim(sparse_grn_scope=scope)
+    images = torch.randn(2, 3, 48, 32)
+    mask = torch.zeros(2, 3, 2, dtype=torch.bool)
+    mask[0, 0, 1] = mask[0, 2, 0] = mask[1, 1, :] = True
+    full = upsample_mask(mask, (48, 32)).expand(-1, 3, -1, -1)
+    changed = torch.where(full, torch.randn_like(images) * 10, images)
+    a = model(images, bool_masked_pos=mask, output_hidden_states=True)
+    b = model(changed, bool_masked_pos=mask, output_hidden_states=True)
+    for ha, hb in zip(a.hidden_states, b.hidden_states):
+        torch.testing.assert_close(ha, hb)
+    torch.testing.assert_close(a.logits, b.logits)
+    # the predictions are untouched; the loss moves only because the masked cells' targets changed
+    per_cell = ((a.logits - patchify(changed, 16)) ** 2).mean(-1)
+    torch.testing.assert_close(b.loss, per_cell[mask.flatten(1)].mean())
+    last = a.hidden_states[-1]
+    assert (last * mask[:, None]).abs().sum() == 0  # zeros at masked cells
+
+
+def test_loss_counts_masked_cells_only():
+    model = make_mim()
+    images = torch.randn(2, 3, 32, 32)
+    mask = torch.tensor([[True, False, False, True], [False, True, False, False]])
+    out = model(images, bool_masked_pos=mask)
+    per_cell = ((out.logits - patchify(images, 16)) ** 2).mean(-1)
+    torch.testing.assert_close(out.loss, per_cell[mask].mean())
+
+    # wreck the predictions at visible cells only: the loss must not move
+    visible = (~mask).view(2, 1, 2, 2)
+    hook = model.decoder.pred.register_forward_hook(lambda m, i, o: o + 100.0 * visible)
+    try:
+        wrecked = model(images, bool_masked_pos=mask)
+    finally:
+        hook.remove()
+    assert not torch.allclose(wrecked.logits, out.logits)
+    torch.testing.assert_close(wrecked.loss, out.loss)
+
+
+def test_sparse_encoder_differs_from_dense_backbone_but_not_when_nothing_is_masked():
+    model = make_mim()
+    images = torch.randn(1, 3, 32, 32)
+    from convnextv2_hf.sparse_backends import get_sparse_backend
+
+    backend = get_sparse_backend("dense")
+    no_mask = torch.zeros(1, 2, 2, dtype=torch.bool)
+    sparse_out, _ = backend.encode(model.convnextv2, images, no_mask, grn_scope="sample")
+    dense_out = model.convnextv2(images).last_hidden_state
+    torch.testing.assert_close(sparse_out, dense_out)
+
+
+def test_mask_drawn_reproducibly_and_outputs_shapes():
+    model = make_mim(mask_ratio=0.5)
+    images = torch.randn(3, 3, 32, 64)
+    a = model(images, generator=torch.Generator().manual_seed(0))
+    b = model(images, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.loss, b.loss)
+    assert a.mask.shape == (3, 8) and ((~a.mask).sum(1) == 4).all()
+    assert a.logits.shape == (3, 8, 16 * 16 * 3)
+    assert a.reconstruction.shape == images.shape
+    noise = torch.randn(3, 8)
+    c = model(images, noise=noise)
+    assert torch.equal(c.mask, noise.argsort(1).argsort(1) >= 4)
+
+
+def test_norm_pix_loss_and_tuple_output():
+    model = make_mim(norm_pix_loss=True)
+    images = torch.randn(2, 3, 32, 32)
+    mask = torch.tensor([[True, False, True, False]] * 2)
+    loss, logits, reconstruction, flat_mask = model(images, bool_masked_pos=mask, return_dict=False)
+    assert loss.ndim == 0 and torch.equal(flat_mask, mask)
+
+
+def test_backward_reaches_encoder_and_decoder():
+    model = make_mim().train()
+    out = model(torch.randn(2, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert model.convnextv2.embeddings.patch_embeddings.weight.grad.abs().sum() > 0
+    assert model.decoder.mask_token.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(pixel_values=torch.randn(1, 1, 32, 32)), "channels"),
+        (dict(pixel_values=torch.randn(1, 3, 40, 32)), "multiples of the mask cell"),
+        (dict(pixel_values=torch.randn(3, 32, 32)), "shape"),
+        (dict(pixel_values=torch.randn(1, 3, 32, 32), bool_masked_pos=torch.zeros(1, 5, dtype=torch.bool)), "shape"),
+        (dict(pixel_values=torch.randn(1, 3, 32, 32), bool_masked_pos=torch.zeros(1, 4)), "bool"),
+        (dict(pixel_values=torch.randn(1, 3, 32, 32), bool_masked_pos=torch.full((1, 4), 2)), "0"),
+        (dict(pixel_values=torch.randn(1, 3, 32, 32), bool_masked_pos=torch.ones(1, 4, dtype=torch.bool)), "visible"),
+        (dict(pixel_values=torch.randn(1, 3, 32, 32), bool_masked_pos=torch.zeros(1, 4, dtype=torch.bool)), "hides no cell"),
+        (dict(pixel_values=torch.randn(1, 3, 16, 16)), "visible"),
+    ],
+)
+def test_bad_inputs_raise_clear_value_errors(kwargs, message):
+    model = make_mim()
+    with pytest.raises(ValueError, match=message):
+        model(**kwargs)
+
+
+def test_classifier_rejects_wrong_channel_count_and_handles_any_size():
+    model = ConvNextV2ForImageClassification(tiny_config()).eval()
+    with pytest.raises(ValueError, match="channels"):
+        model(torch.randn(1, 4, 32, 32))
+    assert model(torch.randn(2, 3, 37, 50)).logits.shape == (2, 3)
+    out = model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 2]), output_hidden_states=True)
+    assert out.loss.ndim == 0 and len(out.hidden_states) == 5
+
+
+def test_base_model_pooling_is_optional():
+    config = tiny_config()
+    assert ConvNextV2Model(config, add_pooling_layer=False).layernorm is None
+    out = ConvNextV2Model(config)(torch.randn(1, 3, 32, 32))
+    assert out.pooler_output.shape == (1, 32)
+
+
+def test_use_grn_switch():
+    model = ConvNextV2ForImageClassification(tiny_config(use_grn=False))
+    assert not any("grn" in name for name, _ in model.named_parameters())
+    mim = ConvNextV2ForMaskedImageModeling(tiny_config(use_grn=False))
+    assert torch.isfinite(mim(torch.randn(1, 3, 32, 32)).loss)
