@@ -98,6 +98,8 @@ class ConvNextV2ImageProcessor(ConvNextImageProcessorPil):
             image = array_to_uint8(image.detach().cpu().numpy())
         elif isinstance(image, np.ndarray):
             image = array_to_uint8(image)
+        if isinstance(image, np.ndarray) and image.ndim == 2:  # grayscale (H, W)
+            image = np.repeat(image[..., None], 3, axis=-1)
         image = super().process_image(image, *args, **kwargs)
         if image.shape[0] == 1:  # grayscale arrays
             image = np.repeat(image, 3, axis=0)

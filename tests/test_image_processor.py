@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from convnextv2_hf import ConvNextV2ImageProcessor
+from convnextv2_hf.image_processing_convnextv2 import to_rgb
+
+
+def odd_images():
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    return [
+        rgb,
+        rgb.convert("L"),
+        rgb.convert("P"),
+        rgb.convert("RGBA"),
+        rgb.convert("CMYK"),
+        Image.fromarray(rng.integers(0, 65535, (45, 33), dtype=np.uint16)),  # mode I;16
+        rng.integers(0, 255, (40, 60, 3), dtype=np.uint8),  # numpy HWC
+        rng.integers(0, 255, (40, 60), dtype=np.uint8),  # numpy grayscale
+        torch.randint(0, 255, (3, 30, 20), dtype=torch.uint8),  # tensor CHW
+    ]
+
+
+def test_any_mode_becomes_a_normalised_rgb_batch():
+    processor = ConvNextV2ImageProcessor(size={"shortest_edge": 32})
+    batch = processor(odd_images(), return_tensors="pt")
+    assert batch["pixel_values"].shape == (9, 3, 32, 32)
+    assert torch.isfinite(batch["pixel_values"]).all()
+
+
+def test_sixteen_bit_images_are_rescaled_not_clipped():
+    array = np.full((4, 4), 32768, dtype=np.uint16)
+    image = Image.fromarray(array)
+    assert image.mode.startswith("I;16")
+    assert np.asarray(to_rgb(image))[0, 0, 0] == 127
+    transparent = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
+    assert np.asarray(to_rgb(transparent))[0, 0].tolist() == [255, 255, 255]
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.6, 0.9])
+def test_masks_have_exact_visible_count_and_are_seedable(ratio):
+    processor = ConvNextV2ImageProcessor(size={"shortest_edge": 64}, mask_cell_size=16, mask_ratio=ratio)
+    images = odd_images()[:4]
+    a = processor(images, return_bool_masked_pos=True, mask_seed=7, return_tensors="pt")
+    b = processor(images, return_bool_masked_pos=True, mask_seed=7, return_tensors="pt")
+    assert a["bool_masked_pos"].shape == (4, 16) and a["bool_masked_pos"].dtype == torch.bool
+    assert ((~a["bool_masked_pos"]).sum(1) == int(16 * (1 - ratio))).all()
+    assert torch.equal(a["bool_masked_pos"], b["bool_masked_pos"])
+    assert "bool_masked_pos" not in processor(images, return_tensors="pt")
+
+
+def test_mask_cell_must_divide_the_processed_size():
+    processor = ConvNextV2ImageProcessor(size={"shortest_edge": 40}, mask_cell_size=32)
+    with pytest.raises(ValueError, match="multiple of the mask cell"):
+        processor(odd_images()[0], return_bool_masked_pos=True)
+
+
+def test_save_and_load(tmp_path):
+    processor = ConvNextV2ImageProcessor(size={"shortest_edge": 64}, mask_ratio=0.75, return_bool_masked_pos=True)
+    processor.save_pretrained(tmp_path)
+    loaded = ConvNextV2ImageProcessor.from_pretrained(tmp_path)
+    assert loaded.mask_ratio == 0.75 and loaded.return_bool_masked_pos
+    out = loaded(odd_images()[0], return_tensors="pt")
+    assert out["bool_masked_pos"].shape == (1, 4)
