@@ -1,0 +1,385 @@
+"""Checkpoint conversion between this package and the reference repository's and timm's layouts.
+
+Our layout is transformers' ConvNeXt V2 layout. Each foreign layout is a list of [`Rule`]s, each naming one of
+our keys and the matching foreign key, with the tensor transform each way; the same rules serve import and export,
+so the two directions cannot drift apart.
+
+Command line: `convnextv2-hf convert --from {reference,timm,transformers} --checkpoint PATH --output_dir DIR`
+and `convnextv2-hf export --to {reference,timm} --model_name_or_path DIR --output FILE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .configuration_convnextv2 import ConvNextV2Config
+
+StateDict = dict[str, torch.Tensor]
+LAYOUTS = ("reference", "timm", "transformers")
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def sparse_dwconv_to_dense(kernel: torch.Tensor) -> torch.Tensor:
+    """Sparse-engine depthwise kernel (k*k, C) -> Conv2d weight (C, 1, k, k) (SPEC section 3)."""
+    area, channels = kernel.shape
+    k = int(round(area**0.5))
+    return kernel.permute(1, 0).reshape(channels, 1, k, k).transpose(3, 2).contiguous()
+
+
+def dense_dwconv_to_sparse(weight: torch.Tensor) -> torch.Tensor:
+    channels, _, k, _ = weight.shape
+    return weight.transpose(3, 2).reshape(channels, k * k).permute(1, 0).contiguous()
+
+
+def sparse_conv_to_dense(kernel: torch.Tensor) -> torch.Tensor:
+    """Sparse-engine kernel (k*k, C_in, C_out) -> Conv2d weight (C_out, C_in, k, k) (SPEC section 3)."""
+    area, c_in, c_out = kernel.shape
+    k = int(round(area**0.5))
+    return kernel.permute(2, 1, 0).reshape(c_out, c_in, k, k).transpose(3, 2).contiguous()
+
+
+def dense_conv_to_sparse(weight: torch.Tensor) -> torch.Tensor:
+    c_out, c_in, k, _ = weight.shape
+    return weight.transpose(3, 2).reshape(c_out, c_in, k * k).permute(2, 1, 0).contiguous()
+
+
+def row_to_flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1)
+
+
+def flat_to_row(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(1, -1)
+
+
+def to_grn_shape(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(1, 1, 1, -1)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`ours` <-> `theirs` key templates (`{i}`, `{j}`, `{k}` digits, `{p}` weight/bias) and tensor transforms."""
+
+    ours: str
+    theirs: str
+    to_ours: Callable[[torch.Tensor], torch.Tensor] = _same
+    to_theirs: Callable[[torch.Tensor], torch.Tensor] = _same
+
+    @staticmethod
+    def _regex(template: str) -> re.Pattern:
+        pattern = re.escape(template)
+        for name in "ijk":
+            pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>[0-9]+)")
+        pattern = pattern.replace(re.escape("{p}"), "(?P<p>weight|bias)")
+        return re.compile(f"^{pattern}$")
+
+    def match(self, key: str, source: str) -> dict[str, str] | None:
+        found = self._regex(self.ours if source == "ours" else self.theirs).match(key)
+        return found.groupdict() if found else None
+
+
+ENC = "convnextv2.encoder.stages.{i}"
+BLOCK = ENC + ".layers.{j}"
+
+REFERENCE_CLASSIFIER_RULES = [
+    Rule("convnextv2.embeddings.patch_embeddings.{p}", "downsample_layers.0.0.{p}"),
+    Rule("convnextv2.embeddings.layernorm.{p}", "downsample_layers.0.1.{p}"),
+    Rule(ENC + ".downsampling_layer.{k}.{p}", "downsample_layers.{i}.{k}.{p}"),
+    Rule(BLOCK + ".dwconv.{p}", "stages.{i}.{j}.dwconv.{p}"),
+    Rule(BLOCK + ".layernorm.{p}", "stages.{i}.{j}.norm.{p}"),
+    Rule(BLOCK + ".pwconv1.{p}", "stages.{i}.{j}.pwconv1.{p}"),
+    Rule(BLOCK + ".grn.weight", "stages.{i}.{j}.grn.gamma"),
+    Rule(BLOCK + ".grn.bias", "stages.{i}.{j}.grn.beta"),
+    Rule(BLOCK + ".pwconv2.{p}", "stages.{i}.{j}.pwconv2.{p}"),
+    Rule("convnextv2.layernorm.{p}", "norm.{p}"),
+    Rule("classifier.{p}", "head.{p}"),
+]
+
+DECODER_BLOCK = "decoder.layers.{j}"
+REFERENCE_FCMAE_RULES = [
+    Rule("convnextv2.embeddings.patch_embeddings.{p}", "encoder.downsample_layers.0.0.{p}"),
+    Rule("convnextv2.embeddings.layernorm.{p}", "encoder.downsample_layers.0.1.{p}"),
+    Rule(ENC + ".downsampling_layer.0.{p}", "encoder.downsample_layers.{i}.0.ln.{p}"),
+    Rule(ENC + ".downsampling_layer.1.weight", "encoder.downsample_layers.{i}.1.kernel",
+         sparse_conv_to_dense, dense_conv_to_sparse),
+    Rule(ENC + ".downsampling_layer.1.bias", "encoder.downsample_layers.{i}.1.bias", row_to_flat, flat_to_row),
+    Rule(BLOCK + ".dwconv.weight", "encoder.stages.{i}.{j}.dwconv.kernel", sparse_dwconv_to_dense, dense_dwconv_to_sparse),
+    Rule(BLOCK + ".dwconv.bias", "encoder.stages.{i}.{j}.dwconv.bias", row_to_flat, flat_to_row),
+    Rule(BLOCK + ".layernorm.{p}", "encoder.stages.{i}.{j}.norm.ln.{p}"),
+    Rule(BLOCK + ".pwconv1.{p}", "encoder.stages.{i}.{j}.pwconv1.linear.{p}"),
+    Rule(BLOCK + ".grn.weight", "encoder.stages.{i}.{j}.grn.gamma", to_grn_shape, flat_to_row),
+    Rule(BLOCK + ".grn.bias", "encoder.stages.{i}.{j}.grn.beta", to_grn_shape, flat_to_row),
+    Rule(BLOCK + ".pwconv2.{p}", "encoder.stages.{i}.{j}.pwconv2.linear.{p}"),
+    Rule("decoder.proj.{p}", "proj.{p}"),
+    Rule("decoder.mask_token", "mask_token"),
+    Rule(DECODER_BLOCK + ".dwconv.{p}", "decoder.{j}.dwconv.{p}"),
+    Rule(DECODER_BLOCK + ".layernorm.{p}", "decoder.{j}.norm.{p}"),
+    Rule(DECODER_BLOCK + ".pwconv1.{p}", "decoder.{j}.pwconv1.{p}"),
+    Rule(DECODER_BLOCK + ".grn.weight", "decoder.{j}.grn.gamma"),
+    Rule(DECODER_BLOCK + ".grn.bias", "decoder.{j}.grn.beta"),
+    Rule(DECODER_BLOCK + ".pwconv2.{p}", "decoder.{j}.pwconv2.{p}"),
+    Rule("decoder.pred.{p}", "pred.{p}"),
+]
+
+TIMM_RULES = [
+    Rule("convnextv2.embeddings.patch_embeddings.{p}", "stem.0.{p}"),
+    Rule("convnextv2.embeddings.layernorm.{p}", "stem.1.{p}"),
+    Rule(ENC + ".downsampling_layer.{k}.{p}", "stages.{i}.downsample.{k}.{p}"),
+    Rule(BLOCK + ".dwconv.{p}", "stages.{i}.blocks.{j}.conv_dw.{p}"),
+    Rule(BLOCK + ".layernorm.{p}", "stages.{i}.blocks.{j}.norm.{p}"),
+    Rule(BLOCK + ".pwconv1.{p}", "stages.{i}.blocks.{j}.mlp.fc1.{p}"),
+    Rule(BLOCK + ".grn.{p}", "stages.{i}.blocks.{j}.mlp.grn.{p}", to_grn_shape, row_to_flat),
+    Rule(BLOCK + ".pwconv2.{p}", "stages.{i}.blocks.{j}.mlp.fc2.{p}"),
+    Rule("convnextv2.layernorm.{p}", "head.norm.{p}"),
+    Rule("classifier.{p}", "head.fc.{p}"),
+]
+
+
+def rename(state_dict: StateDict, rules: list[Rule], source: str) -> StateDict:
+    """Map every key of `state_dict` through the first matching rule; unknown keys raise, naming them all."""
+    converted, unknown = {}, []
+    for key, tensor in state_dict.items():
+        for rule in rules:
+            groups = rule.match(key, source)
+            if groups is not None:
+                if source == "theirs":
+                    converted[rule.ours.format(**groups)] = rule.to_ours(tensor)
+                else:
+                    converted[rule.theirs.format(**groups)] = rule.to_theirs(tensor)
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise KeyError(f"{len(unknown)} key(s) match no known layout rule: {', '.join(sorted(unknown))}")
+    return converted
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_state_dict(path: str | os.PathLike) -> StateDict:
+    """Read a checkpoint without executing pickled code: safetensors directly, else `torch.load(weights_only=True)`.
+
+    Unwraps `{'model': ...}`, `{'state_dict': ...}` and `{'model_ema': ...}` containers and drops a DDP `module.`
+    prefix. A directory is read through its `model.safetensors` / `pytorch_model.bin`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).exists():
+                path = path / name
+                break
+        else:
+            raise FileNotFoundError(f"No model.safetensors or pytorch_model.bin in {path}.")
+    if not path.exists():
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    # Reference training checkpoints also store their argparse arguments; allow that inert container only.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(
+                f"{path} needs arbitrary Python objects to load, and loading it would execute pickled code, which "
+                f"this converter refuses. Re-save only its tensors (e.g. torch.save(ckpt['model'], 'weights.pth')) "
+                f"in a trusted environment. Details: {error}"
+            ) from None
+    for container in ("model", "state_dict", "model_ema"):
+        if isinstance(obj, dict) and container in obj and isinstance(obj[container], dict):
+            obj = obj[container]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors.")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def detect_layout(state_dict: StateDict) -> str:
+    """Guess the layout: `reference_fcmae`, `reference`, `timm` or `transformers`."""
+    keys = set(state_dict)
+    if any(k.startswith("encoder.downsample_layers.") for k in keys):
+        return "reference_fcmae"
+    if any(k.startswith("downsample_layers.") for k in keys):
+        return "reference"
+    if any(k.startswith("stem.") for k in keys):
+        return "timm"
+    if any(k.startswith("convnextv2.") for k in keys):
+        return "transformers"
+    raise ValueError(f"Unrecognised checkpoint layout; first keys: {sorted(keys)[:5]}")
+
+
+def to_our_layout(state_dict: StateDict, layout: str) -> StateDict:
+    """Convert a foreign state dict (see [`detect_layout`]) to our key names and tensor shapes."""
+    if layout == "transformers":
+        return {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    rules = {"reference": REFERENCE_CLASSIFIER_RULES, "reference_fcmae": REFERENCE_FCMAE_RULES, "timm": TIMM_RULES}
+    return rename(state_dict, rules[layout], source="theirs")
+
+
+def from_our_layout(state_dict: StateDict, layout: str) -> StateDict:
+    """Our state dict in a foreign layout: `reference` (classifier), `reference_fcmae` or `timm`."""
+    rules = {"reference": REFERENCE_CLASSIFIER_RULES, "reference_fcmae": REFERENCE_FCMAE_RULES, "timm": TIMM_RULES}
+    return rename(state_dict, rules[layout], source="ours")
+
+
+def infer_config(state_dict: StateDict, **overrides) -> ConvNextV2Config:
+    """Depths, widths, stem, classes and decoder size from the tensor shapes of a state dict in our layout."""
+    block = re.compile(r"^convnextv2\.encoder\.stages\.(\d+)\.layers\.(\d+)\.dwconv\.weight$")
+    depths: dict[int, int] = {}
+    widths: dict[int, int] = {}
+    for key, tensor in state_dict.items():
+        found = block.match(key)
+        if found:
+            stage, layer = int(found.group(1)), int(found.group(2))
+            depths[stage] = max(depths.get(stage, 0), layer + 1)
+            widths[stage] = tensor.shape[0]
+    if not depths or sorted(depths) != list(range(len(depths))):
+        raise ValueError(f"Could not find the blocks of every stage; found stages {sorted(depths)}.")
+    stem = state_dict["convnextv2.embeddings.patch_embeddings.weight"]
+    kwargs = dict(
+        depths=[depths[i] for i in sorted(depths)],
+        hidden_sizes=[widths[i] for i in sorted(widths)],
+        num_stages=len(depths),
+        num_channels=stem.shape[1],
+        patch_size=stem.shape[-1],
+        layer_norm_eps=1e-6,
+        use_grn=any(".grn." in k for k in state_dict),
+    )
+    if "classifier.weight" in state_dict:
+        kwargs["num_labels"] = state_dict["classifier.weight"].shape[0]
+    if "decoder.proj.weight" in state_dict:
+        kwargs["decoder_hidden_size"] = state_dict["decoder.proj.weight"].shape[0]
+        kwargs["decoder_depth"] = len({k.split(".")[2] for k in state_dict if k.startswith("decoder.layers.")})
+    kwargs.update(overrides)
+    config = ConvNextV2Config(**kwargs)
+    if "decoder.pred.weight" in state_dict:
+        outputs = state_dict["decoder.pred.weight"].shape[0]
+        if outputs != config.mask_cell_size**2 * config.num_channels:
+            raise ValueError(
+                f"decoder.pred predicts {outputs} values per cell, but a {config.mask_cell_size}-px cell with "
+                f"{config.num_channels} channels needs {config.mask_cell_size**2 * config.num_channels}."
+            )
+    return config
+
+
+def build_model(state_dict: StateDict, config: ConvNextV2Config, task: str):
+    """Instantiate our model for `task` (`fcmae` or `classification`) and load `state_dict`, strictly.
+
+    For `classification` from an FCMAE checkpoint the decoder is dropped and the final norm and head are new.
+    Missing and unexpected keys are reported by name; a shape mismatch names the tensor.
+    """
+    from .modeling_convnextv2 import ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
+
+    model_class = ConvNextV2ForMaskedImageModeling if task == "fcmae" else ConvNextV2ForImageClassification
+    model = model_class(config)
+    expected = model.state_dict()
+    if task == "classification":
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("decoder.")}
+    unexpected = sorted(set(state_dict) - set(expected))
+    missing = sorted(set(expected) - set(state_dict))
+    allowed_missing = set()
+    if task == "classification" and not any(k.startswith("classifier.") for k in state_dict):
+        allowed_missing = {"classifier.weight", "classifier.bias", "convnextv2.layernorm.weight", "convnextv2.layernorm.bias"}
+    if unexpected or set(missing) - allowed_missing:
+        raise KeyError(
+            f"Checkpoint does not fit {model_class.__name__}: missing {sorted(set(missing) - allowed_missing)}, "
+            f"unexpected {unexpected}."
+        )
+    for key, tensor in state_dict.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(f"Shape mismatch for {key}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[key].shape)}.")
+    model.load_state_dict(state_dict, strict=False)
+    return model
+
+
+def convert_checkpoint(
+    checkpoint: str | os.PathLike,
+    source: str,
+    output_dir: str | os.PathLike | None = None,
+    task: str = "auto",
+    id2label: dict[int, str] | None = None,
+    push_to_hub: bool = False,
+    hub_model_id: str | None = None,
+):
+    """Convert a reference, timm or transformers checkpoint into our model; save it when `output_dir` is given.
+
+    `task="auto"` gives [`ConvNextV2ForMaskedImageModeling`] for FCMAE checkpoints (decoder included, so
+    pre-training can continue) and [`ConvNextV2ForImageClassification`] otherwise; `task="classification"` on an
+    FCMAE checkpoint gives a classifier with the pre-trained encoder, ready for fine-tuning.
+    """
+    if source not in LAYOUTS:
+        raise ValueError(f"`source` must be one of {LAYOUTS}, got {source!r}.")
+    foreign = load_state_dict(checkpoint)
+    layout = detect_layout(foreign)
+    if layout.split("_")[0] != source:
+        raise ValueError(f"{checkpoint} looks like a {layout} checkpoint, not {source}.")
+    ours = to_our_layout(foreign, layout)
+    has_decoder = "decoder.proj.weight" in ours
+    if task == "auto":
+        task = "fcmae" if has_decoder else "classification"
+    if task not in ("fcmae", "classification"):
+        raise ValueError(f"`task` must be auto, fcmae or classification, got {task!r}.")
+    if task == "fcmae" and not has_decoder:
+        raise ValueError("This checkpoint has no FCMAE decoder; use task='classification'.")
+    overrides = {}
+    if id2label is not None:
+        overrides = dict(id2label={int(k): v for k, v in id2label.items()}, label2id={v: int(k) for k, v in id2label.items()})
+    config = infer_config(ours, **overrides)
+    if id2label is not None and "classifier.weight" in ours and len(id2label) != config.num_labels:
+        raise ValueError(f"id2label has {len(id2label)} labels but the checkpoint's head has {config.num_labels}.")
+    model = build_model(ours, config, task)
+    if output_dir is not None:
+        from .image_processing_convnextv2 import ConvNextV2ImageProcessor
+
+        model.save_pretrained(output_dir)
+        ConvNextV2ImageProcessor(mask_cell_size=config.mask_cell_size, mask_ratio=config.mask_ratio).save_pretrained(output_dir)
+        if push_to_hub:
+            from .hub import push_folder_to_hub
+
+            push_folder_to_hub(output_dir, hub_model_id or Path(output_dir).name)
+    return model
+
+
+def export_checkpoint(model, layout: str, output: str | os.PathLike) -> StateDict:
+    """Write `model` in a foreign layout: `reference` (torch.save `{'model': ...}`) or `timm` (safetensors)."""
+    from .modeling_convnextv2 import ConvNextV2ForMaskedImageModeling
+
+    if layout == "reference" and isinstance(model, ConvNextV2ForMaskedImageModeling):
+        layout = "reference_fcmae"
+    if layout == "timm" and isinstance(model, ConvNextV2ForMaskedImageModeling):
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
+    else:
+        state = model.state_dict()
+    foreign = from_our_layout(state, layout)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if layout == "timm":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in foreign.items()}, str(output))
+    else:
+        torch.save({"model": foreign}, str(output))
+    return foreign
+
+
+def read_id2label(path: str | None) -> dict[int, str] | None:
+    if path is None:
+        return None
+    with open(path) as handle:
+        mapping = json.load(handle)
+    if isinstance(mapping, list):
+        return dict(enumerate(mapping))
+    return {int(k): v for k, v in mapping.items()}
