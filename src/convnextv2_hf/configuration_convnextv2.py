@@ -41,7 +41,7 @@ class ConvNextV2Config(_HFConvNextV2Config):
             implementation's behaviour (one norm over the visible sites of the whole batch, so samples influence
             each other and the result depends on how a batch is split across devices); `"sample"` takes it per
             image, as the dense GRN used for fine-tuning does.
-        sparse_backend (`str`, defaults to `"dense"`):
+        sparse_backend (`str`, defaults to `"gather"`):
             How the sparse encoder is executed; see `convnextv2_hf.sparse_backends.SPARSE_BACKENDS`. All
             backends compute the same numbers.
         use_grn (`bool`, defaults to `True`):
@@ -64,7 +64,7 @@ class ConvNextV2Config(_HFConvNextV2Config):
     decoder_depth: int = 1
     norm_pix_loss: bool = False
     sparse_grn_scope: str = "batch"
-    sparse_backend: str = "dense"
+    sparse_backend: str = "gather"
     use_grn: bool = True
 
     def __post_init__(self, **kwargs):

@@ -20,6 +20,7 @@ from transformers.modeling_outputs import (
 from transformers.utils import ModelOutput
 
 from .configuration_convnextv2 import ConvNextV2Config
+from .grn import apply_grn, relative_response
 from .masking import normalize_patches, patchify, random_masking, unpatchify
 from .sparse_backends import get_sparse_backend
 
@@ -49,8 +50,7 @@ class ConvNextV2GRN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         global_norm = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
-        relative = global_norm / (global_norm.mean(dim=-1, keepdim=True) + 1e-6)
-        return self.weight * (x * relative) + self.bias + x
+        return apply_grn(x, self.weight, self.bias, relative_response(global_norm))
 
 
 class ConvNextV2DropPath(nn.Module):
@@ -226,7 +226,9 @@ class ConvNextV2Model(ConvNextV2PreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        last_hidden_state, hidden_states = self.encoder(self.embeddings(pixel_values), output_hidden_states)
+        # Channels-last memory makes every per-block permute a free view and suits the depthwise convolution.
+        embedded = self.embeddings(pixel_values).contiguous(memory_format=torch.channels_last)
+        last_hidden_state, hidden_states = self.encoder(embedded, output_hidden_states)
         pooled = self.layernorm(last_hidden_state.mean([-2, -1])) if self.layernorm is not None else None
         if not return_dict:
             return tuple(v for v in (last_hidden_state, pooled, hidden_states) if v is not None)

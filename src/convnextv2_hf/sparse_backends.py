@@ -8,8 +8,10 @@ swapped through `config.sparse_backend` without changing results.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .grn import apply_grn, relative_response
 from .masking import upsample_mask
 
 
@@ -23,8 +25,7 @@ def sparse_grn(grn: nn.Module, x: torch.Tensor, scope: str) -> torch.Tensor:
         return x
     dims = (0, 1, 2) if scope == "batch" else (1, 2)
     global_norm = torch.linalg.vector_norm(x, ord=2, dim=dims, keepdim=True)
-    relative = global_norm / (global_norm.mean(dim=-1, keepdim=True) + 1e-6)
-    return grn.weight * (x * relative) + grn.bias + x
+    return apply_grn(x, grn.weight, grn.bias, relative_response(global_norm))
 
 
 class SparseEncoderBackend:
@@ -80,8 +81,105 @@ class DenseMaskedBackend(SparseEncoderBackend):
         return x, hidden_states
 
 
+class SiteIndex:
+    """The visible sites of one stage: flat indices into (N * H * W) in raster order, and each row's sample."""
+
+    def __init__(self, visible: torch.Tensor, size: tuple[int, int]):
+        n = visible.shape[0]
+        self.batch_size, self.size = n, size
+        full = upsample_mask(visible, size).reshape(-1)
+        self.flat = full.nonzero().squeeze(1)
+        self.sample = torch.div(self.flat, size[0] * size[1], rounding_mode="floor")
+
+    @property
+    def num_sites(self) -> int:
+        return self.batch_size * self.size[0] * self.size[1]
+
+    def gather(self, dense_last: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, C) -> packed rows (V, C)."""
+        return dense_last.reshape(self.num_sites, -1).index_select(0, self.flat)
+
+    def scatter(self, rows: torch.Tensor) -> torch.Tensor:
+        """Packed rows (V, C) -> (N, H, W, C), zero at masked sites."""
+        dense = rows.new_zeros(self.num_sites, rows.shape[1]).index_copy(0, self.flat, rows)
+        return dense.view(self.batch_size, *self.size, rows.shape[1])
+
+    def children(self, finer: "SiteIndex") -> torch.Tensor:
+        """Row indices in `finer` of the 2x2 children of each site here, shape (V, 4), order (0,0) (0,1) (1,0) (1,1)."""
+        h, w = self.size
+        fine_h, fine_w = finer.size
+        row_of = torch.full((finer.num_sites,), -1, dtype=torch.long, device=self.flat.device)
+        row_of[finer.flat] = torch.arange(finer.flat.numel(), device=self.flat.device)
+        local = self.flat - self.sample * (h * w)
+        y, x = torch.div(local, w, rounding_mode="floor"), local % w
+        base = self.sample * (fine_h * fine_w) + (2 * y) * fine_w + 2 * x
+        offsets = torch.tensor([0, 1, fine_w, fine_w + 1], device=base.device)
+        return row_of[base[:, None] + offsets]
+
+
+def sparse_grn_rows(grn: nn.Module, rows: torch.Tensor, sites: SiteIndex, scope: str) -> torch.Tensor:
+    """GRN on packed visible rows (V, C): the L2 norm per sample (`segment` sums) or over all rows (`batch`)."""
+    if not hasattr(grn, "weight"):
+        return rows
+    weight, bias = grn.weight.reshape(1, -1), grn.bias.reshape(1, -1)
+    if scope == "batch":
+        relative = relative_response(torch.linalg.vector_norm(rows, ord=2, dim=0, keepdim=True))
+    else:
+        squares = rows.new_zeros(sites.batch_size, rows.shape[1]).index_add(0, sites.sample, rows * rows)
+        # `tiny` keeps the gradient of sqrt finite for a channel that is zero in every row of a sample
+        global_norm = (squares + torch.finfo(squares.dtype).tiny).sqrt()
+        relative = relative_response(global_norm).index_select(0, sites.sample)
+    return apply_grn(rows, weight, bias, relative)
+
+
+def drop_path_rows(drop_path: nn.Module, rows: torch.Tensor, sites: SiteIndex) -> torch.Tensor:
+    """Stochastic depth on packed rows: one keep/drop draw per sample, as the dense DropPath does."""
+    prob = getattr(drop_path, "drop_prob", 0.0)
+    if prob == 0.0 or not drop_path.training:
+        return rows
+    keep = rows.new_empty(sites.batch_size).bernoulli_(1.0 - prob) / (1.0 - prob)
+    return rows * keep.index_select(0, sites.sample)[:, None]
+
+
+class GatherScatterBackend(SparseEncoderBackend):
+    """Per-site work on the visible rows only, packed as (num_visible, C).
+
+    LayerNorm, both Linear layers, GELU, GRN, residual and drop path run on the packed rows; only the 7x7 depthwise
+    convolution scatters to a channels-last grid and gathers back; the 2x2 downsampling multiplies the four
+    children of each visible cell (all visible, since masks are aligned across stages) by the reshaped kernel.
+    At mask ratio r this does about (1 - r) of the dense backend's per-site work.
+    """
+
+    name = "gather"
+
+    def encode(self, model, pixel_values, mask, grn_scope="batch", output_hidden_states=False):
+        visible = ~mask
+        stem = model.embeddings(pixel_values).permute(0, 2, 3, 1)
+        sites = SiteIndex(visible, tuple(stem.shape[1:3]))
+        rows = sites.gather(stem)
+        hidden_states = (sites.scatter(rows).permute(0, 3, 1, 2),) if output_hidden_states else None
+        for stage in model.encoder.stages:
+            if len(stage.downsampling_layer):
+                norm, conv = stage.downsampling_layer
+                coarse = SiteIndex(visible, (sites.size[0] // 2, sites.size[1] // 2))
+                rows = F.layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+                patches = rows.index_select(0, coarse.children(sites).reshape(-1)).reshape(-1, 4 * rows.shape[1])
+                kernel = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
+                rows, sites = F.linear(patches, kernel, conv.bias), coarse
+            for layer in stage.layers:
+                grid = sites.scatter(rows).permute(0, 3, 1, 2)
+                y = sites.gather(layer.dwconv(grid).permute(0, 2, 3, 1))
+                y = layer.act(layer.pwconv1(layer.layernorm(y)))
+                y = layer.pwconv2(sparse_grn_rows(layer.grn, y, sites, grn_scope))
+                rows = rows + drop_path_rows(layer.drop_path, y, sites)
+            if output_hidden_states:
+                hidden_states = hidden_states + (sites.scatter(rows).permute(0, 3, 1, 2),)
+        return sites.scatter(rows).permute(0, 3, 1, 2), hidden_states
+
+
 SPARSE_BACKENDS: dict[str, type[SparseEncoderBackend]] = {
     DenseMaskedBackend.name: DenseMaskedBackend,
+    GatherScatterBackend.name: GatherScatterBackend,
 }
 
 
