@@ -35,7 +35,9 @@ if ! ls "$WHEEL_DIR"/MinkowskiEngine-*.whl >/dev/null 2>&1; then
     trap 'rm -rf "$WORK"' EXIT
     TORCH_SPEC=$("$PYTHON" -c "import torch; print('torch==' + torch.__version__.split('+')[0])")
     "$PYTHON" -m venv "$WORK/venv"
-    "$WORK/venv/bin/pip" install -q "$TORCH_SPEC" "numpy<2" "setuptools<60" wheel ninja
+    "$WORK/venv/bin/pip" install -q "$TORCH_SPEC" "numpy<2" wheel ninja
+    # torch declares setuptools>=77, but this sdist's build needs an old one: install it past the resolver.
+    "$WORK/venv/bin/pip" install -q --no-deps "setuptools<60" 2>&1 | grep -v "dependency conflicts\|requires setuptools" || true
     "$WORK/venv/bin/pip" download -q --no-deps --no-binary :all: -d "$WORK" MinkowskiEngine==0.5.4
     tar -xzf "$WORK"/MinkowskiEngine-0.5.4.tar.gz -C "$WORK"
     SRC="$WORK/MinkowskiEngine-0.5.4"

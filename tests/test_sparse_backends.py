@@ -6,9 +6,10 @@ import torch
 from conftest import tiny_config
 from convnextv2_hf import ConvNextV2Config, ConvNextV2ForMaskedImageModeling
 from convnextv2_hf.masking import random_masking
-from convnextv2_hf.sparse_backends import SPARSE_BACKENDS, get_sparse_backend
+from convnextv2_hf.sparse_backends import SPARSE_BACKENDS, get_sparse_backend, minkowski_engine_available
 
-FAST_BACKENDS = [name for name in SPARSE_BACKENDS if name != "dense"]
+# MinkowskiEngine is optional: its equivalence tests run wherever it is importable (CI builds it).
+FAST_BACKENDS = ["gather"] + (["minkowski"] if minkowski_engine_available() else [])
 
 
 def run(model, backend, images, mask):
@@ -72,13 +73,26 @@ def test_non_default_stem_and_uneven_masks(backend):
     assert_backends_agree(model.train(), images, mask, backend)  # no drop path: train mode is deterministic
 
 
-@pytest.mark.parametrize("backend", list(SPARSE_BACKENDS))
+@pytest.mark.parametrize("backend", ["dense"] + FAST_BACKENDS)
 def test_a_mask_without_visible_cells_is_rejected(backend):
     model = ConvNextV2ForMaskedImageModeling(tiny_config(sparse_backend=backend))
     mask = torch.zeros(2, 4, dtype=torch.bool)
     mask[1] = True
     with pytest.raises(ValueError, match="visible"):
         model(torch.randn(2, 3, 32, 32), bool_masked_pos=mask)
+
+
+def test_minkowski_backend_refuses_clearly_without_the_engine(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "MinkowskiEngine", None)
+    model = ConvNextV2ForMaskedImageModeling(tiny_config(sparse_backend="minkowski"))
+    with pytest.raises(ImportError, match="install_minkowski_engine.sh"):
+        model(torch.randn(1, 3, 32, 32))
+
+
+def test_every_registered_backend_is_tested():
+    assert set(SPARSE_BACKENDS) == {"dense", "gather", "minkowski"}
 
 
 def test_unknown_backend_is_named():

@@ -13,6 +13,7 @@ from torch import nn
 
 from .grn import apply_grn, relative_response
 from .masking import upsample_mask
+from .sparse_layout import dense_conv_to_sparse, dense_dwconv_to_sparse
 
 
 def sparse_grn(grn: nn.Module, x: torch.Tensor, scope: str) -> torch.Tensor:
@@ -117,28 +118,36 @@ class SiteIndex:
         return row_of[base[:, None] + offsets]
 
 
-def sparse_grn_rows(grn: nn.Module, rows: torch.Tensor, sites: SiteIndex, scope: str) -> torch.Tensor:
-    """GRN on packed visible rows (V, C): the L2 norm per sample (`segment` sums) or over all rows (`batch`)."""
+def sparse_grn_rows(grn: nn.Module, rows: torch.Tensor, sample: torch.Tensor, batch_size: int, scope: str) -> torch.Tensor:
+    """GRN on packed visible rows (V, C); `sample` gives each row's image. Norm per image or over all rows."""
     if not hasattr(grn, "weight"):
         return rows
     weight, bias = grn.weight.reshape(1, -1), grn.bias.reshape(1, -1)
     if scope == "batch":
         relative = relative_response(torch.linalg.vector_norm(rows, ord=2, dim=0, keepdim=True))
     else:
-        squares = rows.new_zeros(sites.batch_size, rows.shape[1]).index_add(0, sites.sample, rows * rows)
+        squares = rows.new_zeros(batch_size, rows.shape[1]).index_add(0, sample, rows * rows)
         # `tiny` keeps the gradient of sqrt finite for a channel that is zero in every row of a sample
         global_norm = (squares + torch.finfo(squares.dtype).tiny).sqrt()
-        relative = relative_response(global_norm).index_select(0, sites.sample)
+        relative = relative_response(global_norm).index_select(0, sample)
     return apply_grn(rows, weight, bias, relative)
 
 
-def drop_path_rows(drop_path: nn.Module, rows: torch.Tensor, sites: SiteIndex) -> torch.Tensor:
-    """Stochastic depth on packed rows: one keep/drop draw per sample, as the dense DropPath does."""
+def drop_path_rows(drop_path: nn.Module, rows: torch.Tensor, sample: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Stochastic depth on packed rows: one keep/drop draw per image, as the dense DropPath does."""
     prob = getattr(drop_path, "drop_prob", 0.0)
     if prob == 0.0 or not drop_path.training:
         return rows
-    keep = rows.new_empty(sites.batch_size).bernoulli_(1.0 - prob) / (1.0 - prob)
-    return rows * keep.index_select(0, sites.sample)[:, None]
+    keep = rows.new_empty(batch_size).bernoulli_(1.0 - prob) / (1.0 - prob)
+    return rows * keep.index_select(0, sample)[:, None]
+
+
+def block_rows(layer: nn.Module, rows: torch.Tensor, conv_rows: torch.Tensor, sample: torch.Tensor,
+               batch_size: int, scope: str) -> torch.Tensor:
+    """The per-site part of a ConvNeXt V2 block on packed rows, given the depthwise conv output `conv_rows`."""
+    y = layer.act(layer.pwconv1(layer.layernorm(conv_rows)))
+    y = layer.pwconv2(sparse_grn_rows(layer.grn, y, sample, batch_size, scope))
+    return rows + drop_path_rows(layer.drop_path, y, sample, batch_size)
 
 
 class GatherScatterBackend(SparseEncoderBackend):
@@ -168,18 +177,91 @@ class GatherScatterBackend(SparseEncoderBackend):
                 rows, sites = F.linear(patches, kernel, conv.bias), coarse
             for layer in stage.layers:
                 grid = sites.scatter(rows).permute(0, 3, 1, 2)
-                y = sites.gather(layer.dwconv(grid).permute(0, 2, 3, 1))
-                y = layer.act(layer.pwconv1(layer.layernorm(y)))
-                y = layer.pwconv2(sparse_grn_rows(layer.grn, y, sites, grn_scope))
-                rows = rows + drop_path_rows(layer.drop_path, y, sites)
+                conv_rows = sites.gather(layer.dwconv(grid).permute(0, 2, 3, 1))
+                rows = block_rows(layer, rows, conv_rows, sites.sample, sites.batch_size, grn_scope)
             if output_hidden_states:
                 hidden_states = hidden_states + (sites.scatter(rows).permute(0, 3, 1, 2),)
         return sites.scatter(rows).permute(0, 3, 1, 2), hidden_states
 
 
+def minkowski_engine_available() -> bool:
+    try:
+        import MinkowskiEngine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class MinkowskiBackend(SparseEncoderBackend):
+    """The sparse engine the method was built on: MinkowskiEngine's submanifold convolutions on sparse tensors.
+
+    Our dense weights are used through the sparse engine's kernel layout (SPEC section 3), so gradients reach them
+    directly. Per-site work is shared with the gather/scatter backend. Needs `MinkowskiEngine` (see
+    `scripts/install_minkowski_engine.sh`).
+    """
+
+    name = "minkowski"
+
+    def __init__(self):
+        try:
+            import MinkowskiEngine as ME
+        except ImportError as error:
+            raise ImportError(
+                "sparse_backend='minkowski' needs MinkowskiEngine, which is not importable here "
+                f"({error}). Build it with `bash scripts/install_minkowski_engine.sh`, or use sparse_backend='gather' "
+                "(pure PyTorch, same numbers)."
+            ) from None
+        self.ME = ME
+
+    def _conv(self, module_class, kernel, x, **kwargs):
+        """Run an ME convolution module with `kernel` (a differentiable view of our weight) in place of its own."""
+        conv = module_class(dimension=2, **kwargs).to(kernel.device)
+        del conv.kernel
+        conv.kernel = kernel
+        return conv(x)
+
+    def encode(self, model, pixel_values, mask, grn_scope="batch", output_hidden_states=False):
+        ME = self.ME
+        n = pixel_values.shape[0]
+        stem = model.embeddings(pixel_values).permute(0, 2, 3, 1)
+        sites = SiteIndex(~mask, tuple(stem.shape[1:3]))
+        local = sites.flat - sites.sample * (sites.size[0] * sites.size[1])
+        coords = torch.stack([sites.sample, local // sites.size[1], local % sites.size[1]], 1).int()
+        x = ME.SparseTensor(sites.gather(stem), coordinates=coords, device=str(pixel_values.device))
+
+        def densify(t):
+            stride = t.tensor_stride[0]
+            c = t.C.long()
+            grid = (sites.size[0] // stride, sites.size[1] // stride)
+            flat = c[:, 0] * grid[0] * grid[1] + (c[:, 1] // stride) * grid[1] + c[:, 2] // stride
+            dense = t.F.new_zeros(n * grid[0] * grid[1], t.F.shape[1]).index_copy(0, flat, t.F)
+            return dense.view(n, *grid, -1).permute(0, 3, 1, 2)
+
+        hidden_states = (densify(x),) if output_hidden_states else None
+        for stage in model.encoder.stages:
+            if len(stage.downsampling_layer):
+                norm, conv = stage.downsampling_layer
+                normed = F.layer_norm(x.F, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+                x = ME.SparseTensor(normed, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+                x = self._conv(ME.MinkowskiConvolution, dense_conv_to_sparse(conv.weight), x, in_channels=conv.in_channels,
+                               out_channels=conv.out_channels, kernel_size=2, stride=2, bias=False)
+                x = ME.SparseTensor(x.F + conv.bias, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+            sample = x.C[:, 0].long()
+            for layer in stage.layers:
+                dw = layer.dwconv
+                y = self._conv(ME.MinkowskiChannelwiseConvolution, dense_dwconv_to_sparse(dw.weight), x,
+                               in_channels=dw.in_channels, kernel_size=dw.kernel_size[0], bias=False)
+                rows = block_rows(layer, x.F, y.F + dw.bias, sample, n, grn_scope)
+                x = ME.SparseTensor(rows, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+            if output_hidden_states:
+                hidden_states = hidden_states + (densify(x),)
+        return densify(x), hidden_states
+
+
 SPARSE_BACKENDS: dict[str, type[SparseEncoderBackend]] = {
     DenseMaskedBackend.name: DenseMaskedBackend,
     GatherScatterBackend.name: GatherScatterBackend,
+    MinkowskiBackend.name: MinkowskiBackend,
 }
 
 
