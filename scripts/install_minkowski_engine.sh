@@ -41,8 +41,25 @@ if ! ls "$WHEEL_DIR"/MinkowskiEngine-*.whl >/dev/null 2>&1; then
     "$WORK/venv/bin/pip" download -q --no-deps --no-binary :all: -d "$WORK" MinkowskiEngine==0.5.4
     tar -xzf "$WORK"/MinkowskiEngine-0.5.4.tar.gz -C "$WORK"
     SRC="$WORK/MinkowskiEngine-0.5.4"
-    grep -rl "from collections import Sequence" "$SRC" --include=*.py | xargs -r sed -i \
-        's/from collections import Sequence/from collections.abc import Sequence/'
+    # `from collections import Sequence, namedtuple` -> abstract base classes from collections.abc, the rest kept
+    "$WORK/venv/bin/python" - "$SRC" <<'PY'
+import collections.abc, pathlib, re, sys
+
+def fix(match):
+    indent, names = match.group(1), [n.strip() for n in match.group(2).split(",")]
+    abc = [n for n in names if hasattr(collections.abc, n)]
+    rest = [n for n in names if n not in abc]
+    lines = [f"{indent}from collections import {', '.join(rest)}"] if rest else []
+    lines += [f"{indent}from collections.abc import {', '.join(abc)}"] if abc else []
+    return "\n".join(lines)
+
+for path in pathlib.Path(sys.argv[1]).rglob("*.py"):
+    text = path.read_text()
+    fixed = re.sub(r"^([ \t]*)from collections import ([\w, ]+)$", fix, text, flags=re.M)
+    if fixed != text:
+        path.write_text(fixed)
+        print("patched", path.name)
+PY
     ARGS=(--blas=openblas)
     if [ "$FLAVOUR" = cpu ]; then ARGS+=(--cpu_only); fi
     echo "building MinkowskiEngine ($FLAVOUR, $TORCH_SPEC); this takes several minutes"

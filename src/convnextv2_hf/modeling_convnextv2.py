@@ -458,7 +458,32 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
         )
 
 
+def optimize_for_inference(model: ConvNextV2PreTrainedModel, compile: bool = False, **compile_kwargs):
+    """Prepare a model for fast inference: eval mode, channels-last weights, and (opt-in) `torch.compile`.
+
+    Outputs are unchanged up to float rounding. Compilation takes a while on the first call and needs a C++
+    compiler on CPU.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from convnextv2_hf import ConvNextV2Config, ConvNextV2ForImageClassification
+    >>> from convnextv2_hf.modeling_convnextv2 import optimize_for_inference
+    >>> model = optimize_for_inference(ConvNextV2ForImageClassification(ConvNextV2Config.from_preset("atto")))
+    >>> with torch.inference_mode():
+    ...     logits = model(torch.randn(1, 3, 224, 224)).logits
+    ```
+    """
+    model.eval()
+    model.to(memory_format=torch.channels_last)
+    if compile:
+        model.forward = torch.compile(model.forward, **compile_kwargs)
+    return model
+
+
 __all__ = [
+    "optimize_for_inference",
     "ConvNextV2PreTrainedModel",
     "ConvNextV2Model",
     "ConvNextV2ForImageClassification",

@@ -1,0 +1,293 @@
+"""Speed and memory of FCMAE pre-training backends and of classifier inference, as one markdown report.
+
+    python benchmarks/benchmark.py                         # CPU, 2 threads, writes benchmarks/results-cpu.md
+    python benchmarks/benchmark.py --device cuda --bf16    # GPU with bf16 autocast
+
+Every figure is the median over `--repeats` timed runs after `--warmup` runs. Each configuration runs in a fresh
+subprocess, so peak memory is that configuration's own: on CPU the growth of the process's peak resident memory
+over its size before the first step, on GPU `torch.cuda.max_memory_allocated`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(step, device: str, warmup: int, repeats: int) -> list[float]:
+    import torch
+
+    times = []
+    for i in range(warmup + repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def train_worker(job: dict) -> dict:
+    """One FCMAE training step (forward, backward, AdamW step) per call, for one preset/backend/mask ratio."""
+    import torch
+
+    from convnextv2_hf import ConvNextV2Config, ConvNextV2ForMaskedImageModeling
+    from convnextv2_hf.masking import random_masking
+
+    device, batch, size = job["device"], job["batch_size"], job["image_size"]
+    torch.manual_seed(0)
+    config = ConvNextV2Config.from_preset(job["preset"], sparse_backend=job["backend"], mask_ratio=0.6)
+    model = ConvNextV2ForMaskedImageModeling(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    images = torch.randn(batch, 3, size, size, device=device)
+    grid = (size // config.mask_cell_size,) * 2
+    cells = grid[0] * grid[1]
+    if job["mask_ratio"] > 0:
+        mask = random_masking(batch, grid, job["mask_ratio"], generator=torch.Generator().manual_seed(0))
+    else:  # the loss needs one masked cell per batch: mask a single cell of the first image
+        mask = torch.zeros(batch, cells, dtype=torch.bool)
+        mask[0, 0] = True
+    mask = mask.to(device)
+
+    def step():
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=job["bf16"]):
+            loss = model(images, bool_masked_pos=mask).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = rss_mib()
+    times = timed(step, device, job["warmup"], job["repeats"])
+    peak = torch.cuda.max_memory_allocated() / 2**20 - base if device == "cuda" else peak_rss_mib() - base
+    return {"images_per_s": batch / statistics.median(times), "peak_mib": peak, "visible": float((~mask).float().mean())}
+
+
+def inference_worker(job: dict) -> dict:
+    """Classifier inference images/s for one implementation, on weights shared through a saved checkpoint."""
+    import torch
+
+    device, batch, size = job["device"], job["batch_size"], job["image_size"]
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, size, size, device=device)
+    checkpoint = job["checkpoint"]
+    impl = job["impl"]
+    if impl.startswith("ours"):
+        from convnextv2_hf import ConvNextV2ForImageClassification
+        from convnextv2_hf.modeling_convnextv2 import optimize_for_inference
+
+        model = optimize_for_inference(
+            ConvNextV2ForImageClassification.from_pretrained(checkpoint).to(device), compile=impl == "ours+compile"
+        )
+        forward = lambda: model(images).logits  # noqa: E731
+    elif impl == "transformers":
+        import transformers
+
+        model = transformers.ConvNextV2ForImageClassification.from_pretrained(checkpoint).to(device).eval()
+        forward = lambda: model(images).logits  # noqa: E731
+    elif impl == "timm":
+        import timm
+
+        from convnextv2_hf import ConvNextV2ForImageClassification
+        from convnextv2_hf.convert_convnextv2 import from_our_layout
+
+        ours = ConvNextV2ForImageClassification.from_pretrained(checkpoint)
+        model = timm.create_model(f"convnextv2_{job['preset']}", num_classes=ours.config.num_labels)
+        model.load_state_dict(from_our_layout(ours.state_dict(), "timm"))
+        model = model.to(device).eval()
+        forward = lambda: model(images)  # noqa: E731
+    else:
+        raise ValueError(impl)
+
+    def step():
+        with torch.inference_mode(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=job["bf16"]):
+            step.logits = forward()
+
+    times = timed(step, device, job["warmup"], job["repeats"])
+    torch.save(step.logits.float().cpu(), job["logits_out"])
+    return {"images_per_s": batch / statistics.median(times)}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def run_job(job: dict) -> dict:
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
+    if job["device"] == "cpu":
+        env.update(OMP_NUM_THREADS=str(job["threads"]), MKL_NUM_THREADS=str(job["threads"]))
+    result = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(job)], env=env, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def available_backends() -> list[str]:
+    from convnextv2_hf.sparse_backends import minkowski_engine_available
+
+    return ["dense", "gather"] + (["minkowski"] if minkowski_engine_available() else [])
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    return f"{value:.{digits}f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--presets", nargs="+", default=["atto", "tiny"])
+    parser.add_argument("--sweep_preset", default="tiny")
+    parser.add_argument("--mask_ratios", nargs="+", type=float, default=[0.0, 0.3, 0.6, 0.75, 0.9])
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sections", nargs="+", default=["train", "sweep", "inference"])
+    parser.add_argument("--output", default=None, help="markdown file (default benchmarks/results-<device>.md)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        job = json.loads(args.worker)
+        import torch
+
+        if job["device"] == "cpu":
+            torch.set_num_threads(job["threads"])
+        result = train_worker(job) if job["kind"] == "train" else inference_worker(job)
+        print(json.dumps(result))
+        return
+
+    import torch
+    from tqdm.auto import tqdm
+
+    common = dict(device=args.device, bf16=args.bf16, threads=args.threads, batch_size=args.batch_size,
+                  image_size=args.image_size, warmup=args.warmup, repeats=args.repeats)
+    backends = available_backends()
+    cpu = platform.processor() or platform.machine()
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({cpu}), {args.threads} threads"
+    lines = [
+        f"# Benchmarks: {device_name}",
+        "",
+        f"torch {torch.__version__}; batch {args.batch_size}, {args.image_size} px, "
+        f"{'bf16 autocast' if args.bf16 else 'fp32'}; median of {args.repeats} runs after {args.warmup} warm-up. "
+        f"Backends present: {', '.join(backends)}.",
+        "",
+    ]
+
+    if "train" in args.sections:
+        jobs = [(p, b) for p in args.presets for b in backends]
+        results = {}
+        for preset, backend in tqdm(jobs, desc="training step"):
+            results[preset, backend] = run_job(dict(common, kind="train", preset=preset, backend=backend, mask_ratio=0.6))
+        lines += ["## FCMAE training step (forward + backward + AdamW), mask ratio 0.6", "",
+                  "| model | backend | images/s | vs dense | peak memory (MiB) | vs dense |", "|---|---|---|---|---|---|"]
+        for preset, backend in jobs:
+            r, d = results[preset, backend], results[preset, "dense"]
+            if "error" in r:
+                lines.append(f"| {preset} | {backend} | error: {r['error']} | | | |")
+                continue
+            lines.append(
+                f"| {preset} | {backend} | {fmt(r['images_per_s'], 2)} | {fmt(r['images_per_s'] / d['images_per_s'], 2)}x"
+                f" | {fmt(r['peak_mib'], 0)} | {fmt(r['peak_mib'] / d['peak_mib'], 2)}x |"
+            )
+        lines.append("")
+
+    if "sweep" in args.sections:
+        jobs = [(ratio, b) for ratio in args.mask_ratios for b in backends]
+        results = {}
+        for ratio, backend in tqdm(jobs, desc="mask-ratio sweep"):
+            results[ratio, backend] = run_job(
+                dict(common, kind="train", preset=args.sweep_preset, backend=backend, mask_ratio=ratio)
+            )
+        lines += [f"## Mask-ratio sweep ({args.sweep_preset}, training step images/s)", "",
+                  "| mask ratio | " + " | ".join(backends) + " | " + " | ".join(f"{b} vs dense" for b in backends[1:]) + " |",
+                  "|---" * (2 * len(backends)) + "|"]
+        for ratio in args.mask_ratios:
+            row = [results[ratio, b].get("images_per_s", float("nan")) for b in backends]
+            label = f"{ratio}" if ratio > 0 else "0.0 (one cell masked: the loss needs one)"
+            lines.append(f"| {label} | " + " | ".join(fmt(v, 2) for v in row) + " | "
+                         + " | ".join(f"{fmt(v / row[0], 2)}x" for v in row[1:]) + " |")
+        lines.append("")
+
+    if "inference" in args.sections:
+        import tempfile
+
+        from convnextv2_hf import ConvNextV2Config, ConvNextV2ForImageClassification
+
+        impls = ["transformers", "ours", "ours+compile"]
+        try:
+            import timm  # noqa: F401
+
+            impls.append("timm")
+        except ImportError:
+            pass
+        lines += [f"## Classifier inference (batch {args.batch_size}, {args.image_size} px, same weights)", "",
+                  "| model | implementation | images/s | vs transformers | max abs logit diff vs transformers |",
+                  "|---|---|---|---|---|"]
+        for preset in args.presets:
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.manual_seed(0)
+                model = ConvNextV2ForImageClassification(ConvNextV2Config.from_preset(preset, num_labels=1000))
+                with torch.no_grad():
+                    for name, p in model.named_parameters():
+                        if ".grn." in name:
+                            p.normal_(0, 0.1)
+                model.save_pretrained(tmp)
+                results = {}
+                for impl in tqdm(impls, desc=f"inference {preset}"):
+                    out = os.path.join(tmp, f"{impl}.pt")
+                    results[impl] = run_job(dict(common, kind="inference", preset=preset, impl=impl, checkpoint=tmp,
+                                                 logits_out=out))
+                    if "error" not in results[impl]:
+                        results[impl]["logits"] = torch.load(out)
+                base = results["transformers"]
+                for impl in impls:
+                    r = results[impl]
+                    if "error" in r:
+                        lines.append(f"| {preset} | {impl} | error: {r['error']} | | |")
+                        continue
+                    diff = (r["logits"] - base["logits"]).abs().max().item()
+                    lines.append(f"| {preset} | {impl} | {fmt(r['images_per_s'], 2)} | "
+                                 f"{fmt(r['images_per_s'] / base['images_per_s'], 2)}x | {diff:.1e} |")
+        lines.append("")
+
+    report = "\n".join(lines)
+    print(report)
+    output = Path(args.output or HERE / f"results-{args.device}{'-bf16' if args.bf16 else ''}.md")
+    output.write_text(report)
+    print(f"written to {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""End-to-end tests of the FCMAE pre-training script on a small generated image folder."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_image_folder
+from convnextv2_hf.pretrain import find_checkpoint, main as pretrain, parse_config_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "pretraining" / "run_fcmae.py"
+TINY = "depths=[1,1,1,1],hidden_sizes=[8,16,24,32],patch_size=2,decoder_hidden_size=16"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def tiny_args(images, output_dir, *extra):
+    return ["--train_dir", str(images), "--output_dir", str(output_dir), "--config_overrides", TINY,
+            "--image_size", "32", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+            "--num_warmup_steps", "1", "--sparse_grn_scope", "sample", "--seed", "3", *extra]
+
+
+def history(output_dir):
+    return json.loads((Path(output_dir) / "train_results.json").read_text())["loss_history"]
+
+
+def test_end_to_end_on_messy_images(images, tmp_path):
+    out = tmp_path / "run"
+    summary = pretrain(tiny_args(images, out, "--max_train_steps", "4", "--skip_corrupt_images", "--with_tracking",
+                                 "--checkpointing_steps", "2"))
+    assert summary["skipped_images"] == 1 and summary["completed_steps"] == 4
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "loss_curve.png",
+                 "reconstructions.png", "train_results.json", "modeling_convnextv2.py"):
+        assert (out / name).exists(), name
+    assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir()
+    assert list(out.glob("fcmae/events.out.tfevents.*")), "TensorBoard events"
+    card = (out / "README.md").read_text()
+    assert "fcmae" in card and "reconstructions.png" in card
+    losses = [loss for _, loss in history(out)]
+    assert len(losses) == 4 and all(loss > 0 for loss in losses)
+
+
+def test_corrupt_image_fails_naming_its_path(images, tmp_path):
+    with pytest.raises(ValueError, match="broken.png"):
+        pretrain(tiny_args(images, tmp_path / "run", "--max_train_steps", "20"))
+
+
+def test_resume_continues_the_same_loss_trajectory(images, tmp_path):
+    full = tmp_path / "full"
+    # 12 readable images, batch 4: 3 steps per epoch, so checkpoint-4 is in the middle of the second epoch
+    pretrain(tiny_args(images, full, "--max_train_steps", "7", "--skip_corrupt_images", "--checkpointing_steps", "4"))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    os.rename(full / "checkpoint-4", resumed / "checkpoint-4")
+    pretrain(tiny_args(images, resumed, "--max_train_steps", "7", "--skip_corrupt_images",
+                       "--resume_from_checkpoint", "latest"))
+    expected, got = history(full), history(resumed)
+    assert [step for step, _ in got] == [1, 2, 3, 4, 5, 6, 7]
+    for (_, a), (_, b) in zip(expected, got):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_two_processes_with_half_batch_match_one_process(images, tmp_path):
+    common = tiny_args(images, tmp_path / "one", "--max_train_steps", "3", "--skip_corrupt_images")
+    pretrain(common)
+    two = tmp_path / "two"
+    args = tiny_args(images, two, "--max_train_steps", "3", "--skip_corrupt_images")
+    args[args.index("--per_device_train_batch_size") + 1] = "2"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *args],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "total batch 4" in result.stdout
+    for (_, a), (_, b) in zip(history(tmp_path / "one"), history(two)):
+        assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_kill_minus_nine_leaves_loadable_checkpoints(images, tmp_path):
+    out = tmp_path / "killed"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *tiny_args(images, out, "--max_train_steps", "500", "--skip_corrupt_images",
+                                                 "--checkpointing_steps", "1")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("checkpoint-*"))) < 3:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert list(out.glob("checkpoint-*")), "no checkpoint was written before the kill"
+    latest = find_checkpoint(str(out), "latest")
+    steps = json.loads(Path(latest, "training_state.json").read_text())["completed_steps"]
+    summary = pretrain(tiny_args(images, out, "--max_train_steps", str(steps + 1), "--skip_corrupt_images",
+                                 "--resume_from_checkpoint", "latest"))
+    assert summary["completed_steps"] == steps + 1
+
+
+def test_errors_before_training(images, tmp_path, monkeypatch):
+    empty = tmp_path / "empty" / "only"
+    empty.mkdir(parents=True)
+    (empty / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="empty"):
+        pretrain(tiny_args(empty.parent, tmp_path / "o1", "--max_train_steps", "1", "--skip_corrupt_images"))
+    with pytest.raises(ValueError, match="--image_column_name 'photo' not found"):
+        pretrain(tiny_args(images, tmp_path / "o2", "--max_train_steps", "1", "--image_column_name", "photo"))
+    with pytest.raises(ValueError, match="multiple of the mask cell"):
+        pretrain(tiny_args(images, tmp_path / "o3", "--max_train_steps", "1", "--image_size", "40"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE"):
+        pretrain(tiny_args(images, tmp_path / "o4", "--max_train_steps", "1", "--push_to_hub"))
+    assert not (tmp_path / "o4").exists()
+    with pytest.raises(RuntimeError, match="--train_dir"):
+        pretrain(["--dataset_name", "someone/not-cached-anywhere", "--output_dir", str(tmp_path / "o5")])
+
+
+def test_config_overrides_parsing():
+    assert parse_config_overrides("depths=[1,1,3,1],patch_size=2,hidden_act=gelu") == {
+        "depths": [1, 1, 3, 1], "patch_size": 2, "hidden_act": "gelu"}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_config_overrides("oops")
