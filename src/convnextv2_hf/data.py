@@ -52,6 +52,19 @@ def load_image_dataset(
     return load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir, streaming=streaming)
 
 
+def check_class_folders(train_dir: str, validation_dir: str) -> None:
+    """Train and validation image folders must have the same class sub-folders (else labels would not line up)."""
+    def classes(folder):
+        return sorted(p.name for p in os.scandir(folder) if p.is_dir() and not p.name.startswith("."))
+
+    train, validation = classes(train_dir), classes(validation_dir)
+    if train != validation:
+        raise ValueError(
+            f"Class mismatch: --train_dir has {len(train)} class folders {train[:10]}, --validation_dir has "
+            f"{len(validation)} {validation[:10]}; only in one of them: {sorted(set(train) ^ set(validation))[:10]}."
+        )
+
+
 def find_column(dataset: Dataset | IterableDataset, wanted: str | None, candidates: tuple[str, ...], what: str) -> str:
     """The column to use: `wanted` if given (and present), else the first known candidate; a clear error otherwise."""
     columns = list(dataset.column_names or dataset.features or [])

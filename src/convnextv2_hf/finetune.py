@@ -220,6 +220,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
         ensure_hub_available("push the fine-tuned model (--push_to_hub)", training_args.hub_token)
         training_args.push_to_hub = False
 
+    if data_args.train_dir and data_args.validation_dir and not data_args.dataset_name:
+        data_utils.check_class_folders(data_args.train_dir, data_args.validation_dir)
     raw = data_utils.load_image_dataset(data_args.dataset_name, data_args.dataset_config_name, data_args.train_dir,
                                         data_args.validation_dir, cache_dir=model_args.cache_dir,
                                         token=training_args.hub_token)
