@@ -131,3 +131,22 @@ def test_config_overrides_parsing():
         "depths": [1, 1, 3, 1], "patch_size": 2, "hidden_act": "gelu"}
     with pytest.raises(ValueError, match="key=value"):
         parse_config_overrides("oops")
+
+
+def test_mixmae_pretraining_single_and_two_processes(images, tmp_path):
+    summary = pretrain(tiny_args(images, tmp_path / "mix1", "--max_train_steps", "2", "--skip_corrupt_images",
+                                 "--mask_strategy", "mixmae"))
+    assert summary["completed_steps"] == 2
+    config = json.loads((tmp_path / "mix1" / "config.json").read_text())
+    assert config["mask_strategy"] == "mixmae"
+    args = tiny_args(images, tmp_path / "mix2", "--max_train_steps", "2", "--skip_corrupt_images", "--mask_strategy", "mixmae")
+    args[args.index("--per_device_train_batch_size") + 1] = "2"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *args],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "total batch 4" in result.stdout
+    assert all(loss > 0 for _, loss in history(tmp_path / "mix2"))

@@ -93,6 +93,16 @@ def main(argv: list[str] | None = None) -> None:
     exp.add_argument("--output", required=True, help="file to write (.pth for reference, .safetensors for timm)")
     exp.set_defaults(func=export)
 
+    demo = commands.add_parser("demo", help="pre-train, fine-tune and report on a real data set, offline", add_help=False)
+    demo.set_defaults(func=None)
+
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "demo":  # the demo has its own parser (and --help)
+        from .demo import main as run_demo
+
+        run_demo(argv[1:])
+        return
     args = parser.parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args.func(args)

@@ -17,6 +17,7 @@ CONVNEXTV2_PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 }
 
 SPARSE_GRN_SCOPES = ("batch", "sample")
+MASK_STRATEGIES = ("fcmae", "mixmae")
 
 
 class ConvNextV2Config(_HFConvNextV2Config):
@@ -44,6 +45,9 @@ class ConvNextV2Config(_HFConvNextV2Config):
         sparse_backend (`str`, defaults to `"gather"`):
             How the sparse encoder is executed; see `convnextv2_hf.sparse_backends.SPARSE_BACKENDS`. All
             backends compute the same numbers.
+        mask_strategy (`str`, defaults to `"fcmae"`):
+            `"fcmae"` hides the masked cells; `"mixmae"` fills them with the batch-flipped partner image (MixMAE) and
+            reconstructs both sources, each from its own visible cells (see SPEC section 4).
         use_grn (`bool`, defaults to `True`):
             Global Response Normalization in every block. `False` gives a ConvNeXt V1 style block (for ablations).
 
@@ -65,6 +69,7 @@ class ConvNextV2Config(_HFConvNextV2Config):
     norm_pix_loss: bool = False
     sparse_grn_scope: str = "batch"
     sparse_backend: str = "gather"
+    mask_strategy: str = "fcmae"
     use_grn: bool = True
 
     def __post_init__(self, **kwargs):
@@ -80,6 +85,8 @@ class ConvNextV2Config(_HFConvNextV2Config):
             raise ValueError(f"`mask_ratio` must be strictly between 0 and 1, got {self.mask_ratio}.")
         if self.sparse_grn_scope not in SPARSE_GRN_SCOPES:
             raise ValueError(f"`sparse_grn_scope` must be one of {SPARSE_GRN_SCOPES}, got {self.sparse_grn_scope!r}.")
+        if self.mask_strategy not in MASK_STRATEGIES:
+            raise ValueError(f"`mask_strategy` must be one of {MASK_STRATEGIES}, got {self.mask_strategy!r}.")
         if self.decoder_depth < 0 or self.decoder_hidden_size <= 0:
             raise ValueError("`decoder_depth` must be >= 0 and `decoder_hidden_size` > 0.")
 

@@ -363,6 +363,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
         save_model_card(model, info, output_dir)
         with open(os.path.join(output_dir, "all_results.json"), "w") as handle:
             json.dump(metrics, handle, indent=2)
+        with open(os.path.join(output_dir, "log_history.json"), "w") as handle:
+            json.dump(history, handle)
         if push:
             push_folder_to_hub(output_dir, training_args.hub_model_id or Path(output_dir).name, training_args.hub_token)
     return metrics

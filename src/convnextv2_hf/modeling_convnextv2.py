@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_convnextv2 import ConvNextV2Config
 from .grn import apply_grn, relative_response
-from .masking import normalize_patches, patchify, random_masking, unpatchify
+from .masking import normalize_patches, patchify, random_masking, unpatchify, upsample_mask
 from .sparse_backends import get_sparse_backend
 
 
@@ -305,6 +305,11 @@ class ConvNextV2MaskedImageModelingOutput(ModelOutput):
             The mask used, `True` = masked.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             Stem output and every stage's output of the sparse encoder, zero at masked positions.
+        partner_logits, partner_reconstruction (*optional*, `mask_strategy="mixmae"` only):
+            Predictions for the partner image (`pixel_values.flip(0)`), whose pixels fill the masked cells of the
+            mixed input, at the cells it did not show (`~mask`).
+        mixed_pixel_values (*optional*, `mask_strategy="mixmae"` only):
+            The mixed input `x * (1 - m) + x.flip(0) * m` that the two sparse encodings together see.
     """
 
     loss: torch.FloatTensor | None = None
@@ -312,6 +317,9 @@ class ConvNextV2MaskedImageModelingOutput(ModelOutput):
     reconstruction: torch.FloatTensor | None = None
     mask: torch.BoolTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    partner_logits: torch.FloatTensor | None = None
+    partner_reconstruction: torch.FloatTensor | None = None
+    mixed_pixel_values: torch.FloatTensor | None = None
 
 
 class FCMAEDecoder(nn.Module):
@@ -434,27 +442,46 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
         if not flat_mask.any():
             raise ValueError("The mask hides no cell, but the FCMAE loss is only defined on masked cells.")
 
+        mixmae = self.config.mask_strategy == "mixmae"
+        sources, masks = pixel_values, mask
+        if mixmae:
+            if pixel_values.shape[0] < 2:
+                raise ValueError("mask_strategy='mixmae' mixes each image with the batch-flipped one: use a batch of 2 or more.")
+            # Source 1 shows its visible cells, source 2 (the partner) fills the masked ones. Encoding each source's
+            # cells as its own sparse set keeps the sources from mixing in the 7x7 convolutions.
+            sources, masks = torch.cat([pixel_values, pixel_values.flip(0)]), torch.cat([mask, ~mask])
+
         backend = get_sparse_backend(self.config.sparse_backend)
         encoded, hidden_states = backend.encode(
-            self.convnextv2, pixel_values, mask, grn_scope=self.config.sparse_grn_scope,
+            self.convnextv2, sources, masks, grn_scope=self.config.sparse_grn_scope,
             output_hidden_states=output_hidden_states,
         )
-        pred = self.decoder(encoded, mask)
-        logits = pred.flatten(2).transpose(1, 2)
+        logits = self.decoder(encoded, masks).flatten(2).transpose(1, 2)
 
-        target = patchify(pixel_values, cell)
+        target = patchify(sources, cell)
         if self.config.norm_pix_loss:
             target = normalize_patches(target)
         per_cell = F.mse_loss(logits.float(), target.float(), reduction="none").mean(dim=-1)
-        weights = flat_mask.to(per_cell.dtype)
+        weights = masks.flatten(1).to(per_cell.dtype)
         loss = (per_cell * weights).sum() / weights.sum().clamp_min(1.0)
-
         reconstruction = unpatchify(logits, cell, mask.shape[-2:], self.config.num_channels)
+
+        extra = {}
+        if mixmae:
+            n = pixel_values.shape[0]
+            full_mask = upsample_mask(mask, tuple(pixel_values.shape[-2:])).to(pixel_values.dtype)
+            extra = dict(
+                partner_logits=logits[n:], partner_reconstruction=reconstruction[n:],
+                mixed_pixel_values=pixel_values * (1 - full_mask) + pixel_values.flip(0) * full_mask,
+            )
+            logits, reconstruction = logits[:n], reconstruction[:n]
+            if hidden_states is not None:
+                hidden_states = tuple(h[:n] for h in hidden_states)
         if not return_dict:
             output = (logits, reconstruction, flat_mask) + ((hidden_states,) if hidden_states is not None else ())
             return (loss,) + output
         return ConvNextV2MaskedImageModelingOutput(
-            loss=loss, logits=logits, reconstruction=reconstruction, mask=flat_mask, hidden_states=hidden_states
+            loss=loss, logits=logits, reconstruction=reconstruction, mask=flat_mask, hidden_states=hidden_states, **extra
         )
 
 
