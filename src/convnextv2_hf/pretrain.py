@@ -254,10 +254,12 @@ def preview_batch(dataset, image_column: str, processor, count: int = 8) -> torc
     """A few images center-cropped by the processor, for the reconstruction picture."""
     from .data import open_image
 
-    images = []
-    for row in (dataset.take(count) if hasattr(dataset, "take") and not hasattr(dataset, "__len__") else
-                (dataset[i] for i in range(min(count, len(dataset))))):
-        images.append(open_image(row[image_column]))
+    if hasattr(dataset, "__len__"):  # evenly spread over the dataset, so that several classes show
+        step = max(1, len(dataset) // count)
+        rows = (dataset[i] for i in range(0, min(len(dataset), step * count), step))
+    else:
+        rows = dataset.take(count)
+    images = [open_image(row[image_column]) for row in rows]
     return processor(images, return_tensors="pt")["pixel_values"]
 
 
