@@ -29,6 +29,18 @@ def tiny_args(images, output_dir, *extra):
             "--num_warmup_steps", "1", "--sparse_grn_scope", "sample", "--seed", "3", *extra]
 
 
+def launch_two_processes(args):
+    """`accelerate launch --multi_gpu --num_processes 2` of the example script: CPU data parallelism over gloo."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *args],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "total batch 4" in result.stdout
+
+
 def history(output_dir):
     return json.loads((Path(output_dir) / "train_results.json").read_text())["loss_history"]
 
@@ -75,14 +87,7 @@ def test_two_processes_with_half_batch_match_one_process(images, tmp_path):
     two = tmp_path / "two"
     args = tiny_args(images, two, "--max_train_steps", "3", "--skip_corrupt_images")
     args[args.index("--per_device_train_batch_size") + 1] = "2"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *args],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "total batch 4" in result.stdout
+    launch_two_processes(args)
     for (_, a), (_, b) in zip(history(tmp_path / "one"), history(two)):
         assert a == pytest.approx(b, rel=1e-4)
 
@@ -141,12 +146,5 @@ def test_mixmae_pretraining_single_and_two_processes(images, tmp_path):
     assert config["mask_strategy"] == "mixmae"
     args = tiny_args(images, tmp_path / "mix2", "--max_train_steps", "2", "--skip_corrupt_images", "--mask_strategy", "mixmae")
     args[args.index("--per_device_train_batch_size") + 1] = "2"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *args],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "total batch 4" in result.stdout
+    launch_two_processes(args)
     assert all(loss > 0 for _, loss in history(tmp_path / "mix2"))

@@ -103,7 +103,7 @@ def pretrain_run(data: Path, output: Path, args, seed: int, extra: str = "", ste
     from .pretrain import main as pretrain
 
     steps = steps or args.pretrain_steps
-    return pretrain(["--mask_strategy", strategy,
+    return pretrain(["--mask_strategy", strategy, "--hub_model_id", f"convnextv2-demo-{output.name}",
         "--train_dir", str(data / "train"), "--output_dir", str(output), "--overwrite_output_dir",
         "--config_overrides", args.model_config + extra, "--image_size", str(args.image_size),
         "--per_device_train_batch_size", "64", "--max_train_steps", str(steps),
@@ -125,6 +125,7 @@ def finetune_run(data: Path, output: Path, args, seed: int, start: str | None, l
         "--eval_strategy", "steps", "--eval_steps", str(every), "--logging_strategy", "steps",
         "--logging_steps", str(every), "--save_strategy", "no", "--report_to", "none",
         "--seed", str(seed), "--data_seed", str(seed), "--disable_tqdm", "true", "--skip_corrupt_images",
+        "--hub_model_id", "convnextv2-demo-finetuned" if output.name == "fcmae-seed0" else f"convnextv2-demo-{output.name}",
     ]
     if start is None:
         command += ["--config_overrides", args.model_config]

@@ -261,14 +261,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
     model, new_head = load_classifier(model_args, labels)
     if new_head:
         init_head_small(model, model_args.head_init_scale)
-    source = model_args.image_processor_name or model_args.model_name_or_path
-    if source and os.path.exists(os.path.join(source, "preprocessor_config.json")):
-        processor = ConvNextV2ImageProcessor.from_pretrained(source)
-    else:
-        processor = ConvNextV2ImageProcessor()
-    processor.size = {"shortest_edge": model_args.image_size}
+    processor = ConvNextV2ImageProcessor.for_training(
+        model_args.image_processor_name or model_args.model_name_or_path, model_args.image_size,
+        model.config.mask_cell_size)
     processor.return_bool_masked_pos = False
-    processor.mask_cell_size = model.config.mask_cell_size
 
     train_transform = PretrainTransform(model_args.image_size, processor.image_mean, processor.image_std,
                                         scale=(data_args.crop_min_scale, 1.0))

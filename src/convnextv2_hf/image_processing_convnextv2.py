@@ -126,6 +126,21 @@ class ConvNextV2ImageProcessor(ConvNextImageProcessorPil):
             )
         return BatchFeature(data=data, tensor_type=return_tensors)
 
+    @classmethod
+    def for_training(cls, source: str | None, image_size: int, mask_cell_size: int, mask_ratio: float | None = None):
+        """The processor saved in `source` if there is one, else the defaults; set to `image_size` and the mask cell."""
+        import os
+
+        if source and os.path.exists(os.path.join(source, "preprocessor_config.json")):
+            processor = cls.from_pretrained(source)
+        else:
+            processor = cls()
+        processor.size = {"shortest_edge": image_size}
+        processor.mask_cell_size = mask_cell_size
+        if mask_ratio is not None:
+            processor.mask_ratio = mask_ratio
+        return processor
+
     @staticmethod
     def draw_masks(
         image_sizes: list[tuple[int, int]], mask_ratio: float, mask_cell_size: int, mask_seed: int | None = None

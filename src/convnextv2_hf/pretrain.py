@@ -240,13 +240,8 @@ def build_model_and_processor(args):
     cell = config.mask_cell_size
     if args.image_size % cell:
         raise ValueError(f"--image_size {args.image_size} must be a multiple of the mask cell ({cell} px).")
-    source = args.image_processor_name or args.model_name_or_path
-    if source and os.path.exists(os.path.join(source, "preprocessor_config.json")):
-        processor = ConvNextV2ImageProcessor.from_pretrained(source)
-    else:
-        processor = ConvNextV2ImageProcessor()
-    processor.size = {"shortest_edge": args.image_size}
-    processor.mask_cell_size, processor.mask_ratio = cell, config.mask_ratio
+    processor = ConvNextV2ImageProcessor.for_training(
+        args.image_processor_name or args.model_name_or_path, args.image_size, cell, config.mask_ratio)
     return model, processor
 
 
