@@ -333,6 +333,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
             plots["Validation accuracy"] = "eval_accuracy.png"
         dataset_label = data_args.dataset_name or Path(data_args.train_dir).name
         start = model_args.model_name_or_path or f"{model_args.model_preset} from scratch"
+        if model_args.model_name_or_path and os.path.isdir(model_args.model_name_or_path):
+            start = f"`{Path(model_args.model_name_or_path).resolve().name}` (local checkpoint)"
         info = CardInfo(
             model_name=training_args.hub_model_id or Path(output_dir).name,
             summary=f"ConvNeXt V2 image classifier fine-tuned from {start}.",

@@ -452,7 +452,7 @@ def run(args: argparse.Namespace) -> dict:
         plots["Reconstructions (input, masked, reconstruction)"] = "reconstructions.png"
         tail = [loss for _, loss in history[-max(1, len(history) // 10):]]
         results = {"final training loss (mean of last 10% of steps)": f"{sum(tail) / len(tail):.4f}"} if tail else {}
-        data_text = (f"`{args.dataset_name}`" if args.dataset_name else f"images from `{args.train_dir}`") + (
+        data_text = (f"`{args.dataset_name}`" if args.dataset_name else f"images from the `{Path(args.train_dir).name}` folder") + (
             f", {len(train)} training images" if not args.streaming else " (streamed)")
         info = CardInfo(
             model_name=args.hub_model_id or Path(args.output_dir).name,

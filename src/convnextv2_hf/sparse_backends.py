@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .grn import apply_grn, relative_response
 from .masking import upsample_mask
@@ -150,6 +151,11 @@ def block_rows(layer: nn.Module, rows: torch.Tensor, conv_rows: torch.Tensor, sa
     return rows + drop_path_rows(layer.drop_path, y, sample, batch_size)
 
 
+def depthwise_conv_rows(conv: nn.Conv2d, rows: torch.Tensor, sites: SiteIndex) -> torch.Tensor:
+    """The depthwise convolution at the visible sites: scatter to a channels-last grid, convolve, gather back."""
+    return sites.gather(conv(sites.scatter(rows).permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
 class GatherScatterBackend(SparseEncoderBackend):
     """Per-site work on the visible rows only, packed as (num_visible, C).
 
@@ -176,8 +182,12 @@ class GatherScatterBackend(SparseEncoderBackend):
                 kernel = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
                 rows, sites = F.linear(patches, kernel, conv.bias), coarse
             for layer in stage.layers:
-                grid = sites.scatter(rows).permute(0, 3, 1, 2)
-                conv_rows = sites.gather(layer.dwconv(grid).permute(0, 2, 3, 1))
+                if torch.is_grad_enabled() and rows.requires_grad:
+                    # Recompute the scatter and convolution in backward instead of keeping a dense grid per block:
+                    # only the packed rows stay in memory (about (1 - mask ratio) of the grid).
+                    conv_rows = checkpoint(depthwise_conv_rows, layer.dwconv, rows, sites, use_reentrant=False)
+                else:
+                    conv_rows = depthwise_conv_rows(layer.dwconv, rows, sites)
                 rows = block_rows(layer, rows, conv_rows, sites.sample, sites.batch_size, grn_scope)
             if output_hidden_states:
                 hidden_states = hidden_states + (sites.scatter(rows).permute(0, 3, 1, 2),)
