@@ -34,3 +34,14 @@ def test_optimize_for_inference_keeps_logits():
         after = optimize_for_inference(model)(images).logits
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
     assert not model.training
+
+
+def test_fused_linear_gelu_matches_the_plain_path():
+    from convnextv2_hf.modeling_convnextv2 import linear_gelu
+
+    linear, act = torch.nn.Linear(8, 32), torch.nn.GELU()
+    x = torch.randn(2, 5, 5, 8)
+    with torch.no_grad():
+        fused = linear_gelu(linear, act, x, exact_gelu=True)  # the oneDNN kernel where available
+    plain = act(linear(x))  # grad enabled: always the plain path
+    torch.testing.assert_close(fused, plain.detach(), rtol=1e-5, atol=1e-6)
