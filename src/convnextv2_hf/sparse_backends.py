@@ -83,6 +83,12 @@ class DenseMaskedBackend(SparseEncoderBackend):
         return x, hidden_states
 
 
+def scatter_to_grid(rows: torch.Tensor, flat: torch.Tensor, batch_size: int, size: tuple[int, int]) -> torch.Tensor:
+    """Rows (V, C) placed at flat raster indices of an (N, H, W, C) grid that is zero everywhere else."""
+    dense = rows.new_zeros(batch_size * size[0] * size[1], rows.shape[1]).index_copy(0, flat, rows)
+    return dense.view(batch_size, *size, rows.shape[1])
+
+
 class SiteIndex:
     """The visible sites of one stage: flat indices into (N * H * W) in raster order, and each row's sample."""
 
@@ -103,18 +109,20 @@ class SiteIndex:
 
     def scatter(self, rows: torch.Tensor) -> torch.Tensor:
         """Packed rows (V, C) -> (N, H, W, C), zero at masked sites."""
-        dense = rows.new_zeros(self.num_sites, rows.shape[1]).index_copy(0, self.flat, rows)
-        return dense.view(self.batch_size, *self.size, rows.shape[1])
+        return scatter_to_grid(rows, self.flat, self.batch_size, self.size)
+
+    def coordinates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sample, row, column) of every visible site."""
+        local = self.flat - self.sample * (self.size[0] * self.size[1])
+        return self.sample, torch.div(local, self.size[1], rounding_mode="floor"), local % self.size[1]
 
     def children(self, finer: "SiteIndex") -> torch.Tensor:
         """Row indices in `finer` of the 2x2 children of each site here, shape (V, 4), order (0,0) (0,1) (1,0) (1,1)."""
-        h, w = self.size
         fine_h, fine_w = finer.size
         row_of = torch.full((finer.num_sites,), -1, dtype=torch.long, device=self.flat.device)
         row_of[finer.flat] = torch.arange(finer.flat.numel(), device=self.flat.device)
-        local = self.flat - self.sample * (h * w)
-        y, x = torch.div(local, w, rounding_mode="floor"), local % w
-        base = self.sample * (fine_h * fine_w) + (2 * y) * fine_w + 2 * x
+        sample, y, x = self.coordinates()
+        base = sample * (fine_h * fine_w) + (2 * y) * fine_w + 2 * x
         offsets = torch.tensor([0, 1, fine_w, fine_w + 1], device=base.device)
         return row_of[base[:, None] + offsets]
 
@@ -235,8 +243,7 @@ class MinkowskiBackend(SparseEncoderBackend):
         n = pixel_values.shape[0]
         stem = model.embeddings(pixel_values).permute(0, 2, 3, 1)
         sites = SiteIndex(~mask, tuple(stem.shape[1:3]))
-        local = sites.flat - sites.sample * (sites.size[0] * sites.size[1])
-        coords = torch.stack([sites.sample, local // sites.size[1], local % sites.size[1]], 1).int()
+        coords = torch.stack(sites.coordinates(), 1).int()
         x = ME.SparseTensor(sites.gather(stem), coordinates=coords, device=str(pixel_values.device))
 
         def densify(t):
@@ -244,8 +251,7 @@ class MinkowskiBackend(SparseEncoderBackend):
             c = t.C.long()
             grid = (sites.size[0] // stride, sites.size[1] // stride)
             flat = c[:, 0] * grid[0] * grid[1] + (c[:, 1] // stride) * grid[1] + c[:, 2] // stride
-            dense = t.F.new_zeros(n * grid[0] * grid[1], t.F.shape[1]).index_copy(0, flat, t.F)
-            return dense.view(n, *grid, -1).permute(0, 3, 1, 2)
+            return scatter_to_grid(t.F, flat, n, grid).permute(0, 3, 1, 2)
 
         hidden_states = (densify(x),) if output_hidden_states else None
         for stage in model.encoder.stages:
