@@ -66,11 +66,13 @@ def write_digits(root: Path, image_size: int) -> list[tuple[Path, int]]:
     return files
 
 
-def list_folder(root: Path) -> list[tuple[Path, int]]:
+def list_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(file, class index) pairs of a folder with one sub-folder per class, and the class names."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         raise ValueError(f"{root} needs at least two class sub-folders, found {classes}.")
-    return [(path, c) for c, name in enumerate(classes) for path in sorted((root / name).iterdir()) if path.is_file()]
+    files = [(path, c) for c, name in enumerate(classes) for path in sorted((root / name).iterdir()) if path.is_file()]
+    return files, classes
 
 
 def split_files(files, class_names, out: Path, test_fraction: float, labels_per_class: int, seed: int = 0):
@@ -141,31 +143,33 @@ def eval_curve(run_dir: Path) -> tuple[list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def test_images(data: Path, processor, limit: int = 256) -> torch.Tensor:
+def load_split(data: Path, split: str, processor, limit: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """The (first `limit`) images of a split folder, preprocessed, and their class-folder names."""
     from PIL import Image
 
-    paths = sorted((data / "test").rglob("*.png"))[:limit] or sorted((data / "test").rglob("*"))[:limit]
-    images = [Image.open(p).convert("RGB") for p in paths if p.is_file()]
-    return processor(images, return_tensors="pt")["pixel_values"]
+    paths = sorted(p for p in (data / split).rglob("*") if p.is_file())[:limit]
+    pixels = processor([Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
+    return pixels, np.array([p.parent.name for p in paths])
 
 
-def linear_probe(model, data: Path, processor) -> float:
+def linear_probe(model, labelled, test) -> float:
     """Held-out accuracy of a logistic regression on the frozen, pooled last-stage features (labelled -> test)."""
-    from PIL import Image
     from sklearn.linear_model import LogisticRegression
 
-    def features(split):
-        paths = sorted(p for p in (data / split).rglob("*") if p.is_file())
-        pixels = processor([Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
+    def features(pixels):
         with torch.no_grad():
-            pooled = model.convnextv2(pixels).last_hidden_state.mean((2, 3)).numpy()
-        return pooled, np.array([p.parent.name for p in paths])
+            return model.convnextv2(pixels).last_hidden_state.mean((2, 3)).numpy()
 
-    train_x, train_y = features("labelled")
-    test_x, test_y = features("test")
+    (train_pixels, train_y), (test_pixels, test_y) = labelled, test
+    train_x, test_x = features(train_pixels), features(test_pixels)
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     probe = LogisticRegression(max_iter=5000).fit((train_x - mean) / std, train_y)
     return float(probe.score((test_x - mean) / std, test_y))
+
+
+def result_row(label: str, values: list[float]) -> str:
+    mean, std = mean_std(values)
+    return f"| {label} | {100 * mean:.1f} +- {100 * std:.1f} % | " + ", ".join(f"{100 * v:.1f}" for v in values) + " |"
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -192,8 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(data)
     started = time.time()
     if args.train_dir:
-        files = list_folder(Path(args.train_dir))
-        class_names = sorted(p.name for p in Path(args.train_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
+        files, class_names = list_folder(Path(args.train_dir))
         source = f"images from `{args.train_dir}`"
     else:
         raw = data / "raw"
@@ -211,15 +214,19 @@ def main(argv: list[str] | None = None) -> dict:
     pretrain_seconds = time.time() - t0
 
     print(f"[2/3] fine-tuning on {counts['labelled']} labelled images, {args.seeds} seeds x (FCMAE, scratch)")
-    results = {"fcmae": [], "scratch": []}
-    curves = {"fcmae": [], "scratch": []}
+    results: dict[str, list[float]] = {}
+    curves: dict[str, list] = {}
+
+    def finetune_seed(name: str, start: str | None, seed: int) -> None:
+        run_dir = out / "runs" / f"{name}-seed{seed}"
+        metrics = finetune_run(data, run_dir, args, seed, start, counts["labelled"])
+        results.setdefault(name, []).append(metrics["eval_top1_accuracy"])
+        curves.setdefault(name, []).append(eval_curve(run_dir))
+        print(f"  {name:7s} seed {seed}: top-1 {100 * metrics['eval_top1_accuracy']:.1f}%")
+
     for seed in range(args.seeds):
         for name, start in (("fcmae", str(out / "fcmae")), ("scratch", None)):
-            run_dir = out / "runs" / f"{name}-seed{seed}"
-            metrics = finetune_run(data, run_dir, args, seed, start, counts["labelled"])
-            results[name].append(metrics["eval_top1_accuracy"])
-            curves[name].append(eval_curve(run_dir))
-            print(f"  {name:7s} seed {seed}: top-1 {100 * metrics['eval_top1_accuracy']:.1f}%")
+            finetune_seed(name, start, seed)
     mixmae_note = []
     if args.compare_mixmae:
         probe_steps = max(5, args.pretrain_steps // 50)
@@ -232,13 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.time()
         pretrain_run(data, out / "mixmae", args, seed=0, steps=steps, strategy="mixmae")
         mixmae_seconds = time.time() - t0
-        results["mixmae"], curves["mixmae"] = [], []
         for seed in range(args.seeds):
-            run_dir = out / "runs" / f"mixmae-seed{seed}"
-            metrics = finetune_run(data, run_dir, args, seed, str(out / "mixmae"), counts["labelled"])
-            results["mixmae"].append(metrics["eval_top1_accuracy"])
-            curves["mixmae"].append(eval_curve(run_dir))
-            print(f"  mixmae  seed {seed}: top-1 {100 * metrics['eval_top1_accuracy']:.1f}%")
+            finetune_seed("mixmae", str(out / "mixmae"), seed)
         mixmae_note = [f"MixMAE pre-training: {steps} steps in {mixmae_seconds / 60:.1f} min (FCMAE: "
                        f"{args.pretrain_steps} steps in {pretrain_seconds / 60:.1f} min), same model and recipe.", ""]
 
@@ -249,12 +251,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("[3/3] linear probes and feature-collapse analysis")
     processor = ConvNextV2ImageProcessor.from_pretrained(out / "fcmae")
+    pretrained = ConvNextV2ForMaskedImageModeling.from_pretrained(out / "fcmae").eval()
     torch.manual_seed(0)
-    random_init = ConvNextV2ForMaskedImageModeling(ConvNextV2ForMaskedImageModeling.config_class.from_pretrained(out / "fcmae"))
-    probes = {"FCMAE pre-trained": linear_probe(ConvNextV2ForMaskedImageModeling.from_pretrained(out / "fcmae").eval(), data, processor),
-              "random initialisation": linear_probe(random_init.eval(), data, processor)}
-    images = test_images(data, processor)
-    collapse = {"FCMAE, with GRN": feature_collapse(ConvNextV2ForMaskedImageModeling.from_pretrained(out / "fcmae"), images)}
+    random_init = ConvNextV2ForMaskedImageModeling(pretrained.config).eval()
+    labelled, test = load_split(data, "labelled", processor), load_split(data, "test", processor)
+    probes = {"FCMAE pre-trained": linear_probe(pretrained, labelled, test),
+              "random initialisation": linear_probe(random_init, labelled, test)}
+    images = test[0][:256]
+    collapse = {"FCMAE, with GRN": feature_collapse(pretrained, images)}
     if args.ablate_grn:
         print("  pre-training the same model without GRN for the comparison")
         pretrain_run(data, out / "fcmae-no-grn", args, seed=0, extra=",use_grn=false")
@@ -282,8 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("reconstructions.png", "loss_curve.png"):
         shutil.copy(out / "fcmae" / name, out / ("pretrain_" + name if name == "loss_curve.png" else name))
 
-    (a_mean, a_std), (b_mean, b_std) = mean_std(results["fcmae"]), mean_std(results["scratch"])
-    gain = 100 * (a_mean - b_mean)
+    gain = 100 * (mean_std(results["fcmae"])[0] - mean_std(results["scratch"])[0])
     report = [
         "# ConvNeXt V2 + FCMAE demo", "",
         f"Data: {source}. {counts['train']} training images for label-free pre-training, "
@@ -293,16 +296,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"steps ({pretrain_seconds / 60:.1f} min, final loss {pretrain_summary['final_loss']:.4f}); fine-tuning "
         f"{args.finetune_epochs} epochs, identical recipe and budget for both starts.", "",
         "| start | held-out top-1 (mean +- std) | per seed |", "|---|---|---|",
-        f"| (a) FCMAE pre-trained | {100 * a_mean:.1f} +- {100 * a_std:.1f} % | "
-        + ", ".join(f"{100 * v:.1f}" for v in results["fcmae"]) + " |",
-        f"| (b) from scratch | {100 * b_mean:.1f} +- {100 * b_std:.1f} % | "
-        + ", ".join(f"{100 * v:.1f}" for v in results["scratch"]) + " |", "",
+        result_row("(a) FCMAE pre-trained", results["fcmae"]),
+        result_row("(b) from scratch", results["scratch"]),
     ]
     if "mixmae" in results:
-        c_mean, c_std = mean_std(results["mixmae"])
-        report.insert(-1, f"| (c) MixMAE pre-trained, same pre-training time | {100 * c_mean:.1f} +- {100 * c_std:.1f} % | "
-                      + ", ".join(f"{100 * v:.1f}" for v in results["mixmae"]) + " |")
+        report.append(result_row("(c) MixMAE pre-trained, same pre-training time", results["mixmae"]))
     report += [
+        "",
         f"FCMAE pre-training changes top-1 by **{gain:+.1f} points** over training from scratch ({args.seeds} seeds).", "",
         "Linear probe (logistic regression on frozen, pooled last-stage features; labelled -> held-out): "
         + ", ".join(f"{name} {100 * value:.1f} %" for name, value in probes.items()) + ".", "",
