@@ -36,20 +36,21 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(step, device: str, warmup: int, repeats: int) -> list[float]:
+def seconds(call, device: str):
+    """Wall-clock seconds of `call()` (the device synchronised before and after) and its result."""
     import torch
 
-    times = []
-    for i in range(warmup + repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = call()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def timed(step, device: str, warmup: int, repeats: int) -> list[float]:
+    return [seconds(step, device)[0] for _ in range(warmup + repeats)][warmup:]
 
 
 def train_worker(job: dict) -> dict:
@@ -110,13 +111,8 @@ def encoder_worker(job: dict) -> dict:
     original, spent = backend_class.encode, []
 
     def timed_encode(self, *args, **kwargs):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = original(self, *args, **kwargs)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        spent.append(time.perf_counter() - start)
+        elapsed, result = seconds(lambda: original(self, *args, **kwargs), device)
+        spent.append(elapsed)
         return result
 
     backend_class.encode = timed_encode
@@ -187,6 +183,13 @@ def run_job(job: dict) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def run_jobs(keys: list[tuple], desc: str, job_for) -> dict[tuple, dict]:
+    """Run `job_for(*key)` for every key in its own subprocess, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    return {key: run_job(job_for(*key)) for key in tqdm(keys, desc=desc)}
+
+
 def available_backends() -> list[str]:
     from convnextv2_hf.sparse_backends import minkowski_engine_available
 
@@ -244,9 +247,8 @@ def main() -> None:
 
     if "train" in args.sections:
         jobs = [(p, b) for p in args.presets for b in backends]
-        results = {}
-        for preset, backend in tqdm(jobs, desc="training step"):
-            results[preset, backend] = run_job(dict(common, kind="train", preset=preset, backend=backend, mask_ratio=0.6))
+        results = run_jobs(jobs, "training step", lambda preset, backend: dict(
+            common, kind="train", preset=preset, backend=backend, mask_ratio=0.6))
         lines += ["## FCMAE training step (forward + backward + AdamW), mask ratio 0.6", "",
                   "| model | backend | images/s | vs dense | peak memory (MiB) | vs dense |", "|---|---|---|---|---|---|"]
         for preset, backend in jobs:
@@ -262,11 +264,8 @@ def main() -> None:
 
     if "sweep" in args.sections:
         jobs = [(ratio, b) for ratio in args.mask_ratios for b in backends]
-        results = {}
-        for ratio, backend in tqdm(jobs, desc="mask-ratio sweep"):
-            results[ratio, backend] = run_job(
-                dict(common, kind="train", preset=args.sweep_preset, backend=backend, mask_ratio=ratio)
-            )
+        results = run_jobs(jobs, "mask-ratio sweep", lambda ratio, backend: dict(
+            common, kind="train", preset=args.sweep_preset, backend=backend, mask_ratio=ratio))
         lines += [f"## Mask-ratio sweep ({args.sweep_preset}, training step images/s)", "",
                   "| mask ratio | " + " | ".join(backends) + " | " + " | ".join(f"{b} vs dense" for b in backends[1:]) + " |",
                   "|---" * (2 * len(backends)) + "|"]
@@ -279,10 +278,8 @@ def main() -> None:
 
     if "mixmae" in args.sections:
         jobs = [(p, strategy) for p in args.presets for strategy in ("fcmae", "mixmae")]
-        results = {}
-        for preset, strategy in tqdm(jobs, desc="masking strategies"):
-            results[preset, strategy] = run_job(dict(common, kind="encoder", preset=preset, backend="gather",
-                                                     strategy=strategy, mask_ratio=0.6))
+        results = run_jobs(jobs, "masking strategies", lambda preset, strategy: dict(
+            common, kind="encoder", preset=preset, backend="gather", strategy=strategy, mask_ratio=0.6))
         lines += ["## Encoder throughput by masking strategy (gather backend, mask ratio 0.6, forward only)", "",
                   "MixMAE encodes every cell of each source image (its own visible cells plus the cells it fills in "
                   "its partner), FCMAE only the 40 % visible ones.", "",
