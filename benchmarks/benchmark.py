@@ -64,6 +64,8 @@ def train_worker(job: dict) -> dict:
     torch.manual_seed(0)
     config = ConvNextV2Config.from_preset(job["preset"], sparse_backend=job["backend"], mask_ratio=0.6)
     model = ConvNextV2ForMaskedImageModeling(config).to(device).train()
+    if job.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     images = torch.randn(batch, 3, size, size, device=device)
     grid = (size // config.mask_cell_size,) * 2
@@ -134,7 +136,7 @@ def inference_worker(job: dict) -> dict:
     impl = job["impl"]
     if impl.startswith("ours"):
         from convnextv2_hf import ConvNextV2ForImageClassification
-        from convnextv2_hf.modeling_convnextv2 import optimize_for_inference
+        from convnextv2_hf.inference import optimize_for_inference
 
         model = optimize_for_inference(
             ConvNextV2ForImageClassification.from_pretrained(checkpoint).to(device), compile=impl == "ours+compile"
@@ -200,7 +202,7 @@ def fmt(value: float, digits: int = 1) -> str:
     return f"{value:.{digits}f}"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
@@ -209,132 +211,179 @@ def main() -> None:
     parser.add_argument("--sweep_preset", default="tiny")
     parser.add_argument("--mask_ratios", nargs="+", type=float, default=[0.0, 0.3, 0.6, 0.75, 0.9])
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--checkpointing_batch_size", type=int, default=64)
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--sections", nargs="+", default=["train", "sweep", "mixmae", "inference"])
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     parser.add_argument("--output", default=None, help="markdown file (default benchmarks/results-<device>.md)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    if args.worker:
-        job = json.loads(args.worker)
-        import torch
 
-        if job["device"] == "cpu":
-            torch.set_num_threads(job["threads"])
-        workers = {"train": train_worker, "encoder": encoder_worker, "inference": inference_worker}
-        result = workers[job["kind"]](job)
-        print(json.dumps(result))
-        return
+def run_worker(spec: str) -> None:
+    """Inside a benchmark subprocess: run one job and print its result as JSON."""
+    import torch
+
+    job = json.loads(spec)
+    if job["device"] == "cpu":
+        torch.set_num_threads(job["threads"])
+    workers = {"train": train_worker, "encoder": encoder_worker, "inference": inference_worker}
+    print(json.dumps(workers[job["kind"]](job)))
+
+
+def header(args, common: dict) -> list[str]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({cpu}), {args.threads} threads"
+    return [f"# Benchmarks: {device_name}", "",
+            f"torch {torch.__version__}; batch {args.batch_size}, {args.image_size} px, "
+            f"{'bf16 autocast' if args.bf16 else 'fp32'}; median of {args.repeats} runs after {args.warmup} warm-up. "
+            f"Backends present: {', '.join(common['backends'])}.", ""]
+
+
+def train_section(args, common: dict) -> list[str]:
+    jobs = [(p, b) for p in args.presets for b in common["backends"]]
+    results = run_jobs(jobs, "training step", lambda preset, backend: dict(
+        common["job"], kind="train", preset=preset, backend=backend, mask_ratio=0.6))
+    lines = ["## FCMAE training step (forward + backward + AdamW), mask ratio 0.6", "",
+             "| model | backend | images/s | vs dense | peak memory (MiB) | vs dense |", "|---|---|---|---|---|---|"]
+    for preset, backend in jobs:
+        r, d = results[preset, backend], results[preset, "dense"]
+        if "error" in r:
+            lines.append(f"| {preset} | {backend} | error: {r['error']} | | | |")
+            continue
+        lines.append(f"| {preset} | {backend} | {fmt(r['images_per_s'], 2)} | "
+                     f"{fmt(r['images_per_s'] / d['images_per_s'], 2)}x | {fmt(r['peak_mib'], 0)} | "
+                     f"{fmt(r['peak_mib'] / d['peak_mib'], 2)}x |")
+    return lines + [""]
+
+
+def sweep_section(args, common: dict) -> list[str]:
+    backends = common["backends"]
+    jobs = [(ratio, b) for ratio in args.mask_ratios for b in backends]
+    results = run_jobs(jobs, "mask-ratio sweep", lambda ratio, backend: dict(
+        common["job"], kind="train", preset=args.sweep_preset, backend=backend, mask_ratio=ratio))
+    lines = [f"## Mask-ratio sweep ({args.sweep_preset}, training step images/s)", "",
+             "| mask ratio | " + " | ".join(backends) + " | " + " | ".join(f"{b} vs dense" for b in backends[1:]) + " |",
+             "|---" * (2 * len(backends)) + "|"]
+    for ratio in args.mask_ratios:
+        row = [results[ratio, b].get("images_per_s", float("nan")) for b in backends]
+        label = f"{ratio}" if ratio > 0 else "0.0 (one cell masked: the loss needs one)"
+        lines.append(f"| {label} | " + " | ".join(fmt(v, 2) for v in row) + " | "
+                     + " | ".join(f"{fmt(v / row[0], 2)}x" for v in row[1:]) + " |")
+    return lines + [""]
+
+
+def checkpointing_section(args, common: dict) -> list[str]:
+    """Peak memory and speed of an FCMAE training step with and without gradient checkpointing."""
+    batch = args.checkpointing_batch_size
+    jobs = [(p, on) for p in args.presets[-1:] for on in (False, True)]
+    results = run_jobs(jobs, "gradient checkpointing", lambda preset, on: dict(
+        common["job"], kind="train", preset=preset, backend="gather", mask_ratio=0.6, batch_size=batch,
+        gradient_checkpointing=on))
+    lines = [f"## Gradient checkpointing (FCMAE training step, gather backend, mask ratio 0.6, batch {batch})", "",
+             "| model | gradient checkpointing | images/s | peak memory (MiB) | memory vs off |", "|---|---|---|---|---|"]
+    for preset, on in jobs:
+        r, off = results[preset, on], results[preset, False]
+        if "error" in r:
+            lines.append(f"| {preset} | {'on' if on else 'off'} | error: {r['error']} | | |")
+            continue
+        lines.append(f"| {preset} | {'on' if on else 'off'} | {fmt(r['images_per_s'], 2)} | {fmt(r['peak_mib'], 0)} | "
+                     f"{fmt(r['peak_mib'] / off['peak_mib'], 2)}x |")
+    return lines + [""]
+
+
+def mixmae_section(args, common: dict) -> list[str]:
+    jobs = [(p, strategy) for p in args.presets for strategy in ("fcmae", "mixmae")]
+    results = run_jobs(jobs, "masking strategies", lambda preset, strategy: dict(
+        common["job"], kind="encoder", preset=preset, backend="gather", strategy=strategy, mask_ratio=0.6))
+    lines = ["## Encoder throughput by masking strategy (gather backend, mask ratio 0.6, forward only)", "",
+             "MixMAE encodes every cell of each source image (its own visible cells plus the cells it fills in its "
+             "partner), FCMAE only the 40 % visible ones.", "",
+             "| model | strategy | source images/s | vs FCMAE |", "|---|---|---|---|"]
+    for preset, strategy in jobs:
+        r, f = results[preset, strategy], results[preset, "fcmae"]
+        if "error" in r:
+            lines.append(f"| {preset} | {strategy} | error: {r['error']} | |")
+            continue
+        lines.append(f"| {preset} | {strategy} | {fmt(r['images_per_s'], 2)} | "
+                     f"{fmt(r['images_per_s'] / f['images_per_s'], 2)}x |")
+    return lines + [""]
+
+
+def inference_implementations() -> list[str]:
+    impls = ["transformers", "ours", "ours+compile"]
+    try:
+        import timm  # noqa: F401
+
+        impls.append("timm")
+    except ImportError:
+        pass
+    return impls
+
+
+def inference_preset(preset: str, impls: list[str], common: dict) -> dict[str, dict]:
+    """Each implementation on the same randomly initialised weights (non-zero GRN), logits kept for comparison."""
+    import tempfile
 
     import torch
     from tqdm.auto import tqdm
 
-    common = dict(device=args.device, bf16=args.bf16, threads=args.threads, batch_size=args.batch_size,
-                  image_size=args.image_size, warmup=args.warmup, repeats=args.repeats)
-    backends = available_backends()
-    cpu = platform.processor() or platform.machine()
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({cpu}), {args.threads} threads"
-    lines = [
-        f"# Benchmarks: {device_name}",
-        "",
-        f"torch {torch.__version__}; batch {args.batch_size}, {args.image_size} px, "
-        f"{'bf16 autocast' if args.bf16 else 'fp32'}; median of {args.repeats} runs after {args.warmup} warm-up. "
-        f"Backends present: {', '.join(backends)}.",
-        "",
-    ]
+    from convnextv2_hf import ConvNextV2Config, ConvNextV2ForImageClassification
 
-    if "train" in args.sections:
-        jobs = [(p, b) for p in args.presets for b in backends]
-        results = run_jobs(jobs, "training step", lambda preset, backend: dict(
-            common, kind="train", preset=preset, backend=backend, mask_ratio=0.6))
-        lines += ["## FCMAE training step (forward + backward + AdamW), mask ratio 0.6", "",
-                  "| model | backend | images/s | vs dense | peak memory (MiB) | vs dense |", "|---|---|---|---|---|---|"]
-        for preset, backend in jobs:
-            r, d = results[preset, backend], results[preset, "dense"]
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        model = ConvNextV2ForImageClassification(ConvNextV2Config.from_preset(preset, num_labels=1000))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".grn." in name:
+                    p.normal_(0, 0.1)
+        model.save_pretrained(tmp)
+        results = {}
+        for impl in tqdm(impls, desc=f"inference {preset}"):
+            out = os.path.join(tmp, f"{impl}.pt")
+            results[impl] = run_job(dict(common["job"], kind="inference", preset=preset, impl=impl, checkpoint=tmp,
+                                         logits_out=out))
+            if "error" not in results[impl]:
+                results[impl]["logits"] = torch.load(out)
+    return results
+
+
+def inference_section(args, common: dict) -> list[str]:
+    impls = inference_implementations()
+    lines = [f"## Classifier inference (batch {args.batch_size}, {args.image_size} px, same weights)", "",
+             "| model | implementation | images/s | vs transformers | max abs logit diff vs transformers |",
+             "|---|---|---|---|---|"]
+    for preset in args.presets:
+        results = inference_preset(preset, impls, common)
+        base = results["transformers"]
+        for impl in impls:
+            r = results[impl]
             if "error" in r:
-                lines.append(f"| {preset} | {backend} | error: {r['error']} | | | |")
+                lines.append(f"| {preset} | {impl} | error: {r['error']} | | |")
                 continue
-            lines.append(
-                f"| {preset} | {backend} | {fmt(r['images_per_s'], 2)} | {fmt(r['images_per_s'] / d['images_per_s'], 2)}x"
-                f" | {fmt(r['peak_mib'], 0)} | {fmt(r['peak_mib'] / d['peak_mib'], 2)}x |"
-            )
-        lines.append("")
+            diff = (r["logits"] - base["logits"]).abs().max().item()
+            lines.append(f"| {preset} | {impl} | {fmt(r['images_per_s'], 2)} | "
+                         f"{fmt(r['images_per_s'] / base['images_per_s'], 2)}x | {diff:.1e} |")
+    return lines + [""]
 
-    if "sweep" in args.sections:
-        jobs = [(ratio, b) for ratio in args.mask_ratios for b in backends]
-        results = run_jobs(jobs, "mask-ratio sweep", lambda ratio, backend: dict(
-            common, kind="train", preset=args.sweep_preset, backend=backend, mask_ratio=ratio))
-        lines += [f"## Mask-ratio sweep ({args.sweep_preset}, training step images/s)", "",
-                  "| mask ratio | " + " | ".join(backends) + " | " + " | ".join(f"{b} vs dense" for b in backends[1:]) + " |",
-                  "|---" * (2 * len(backends)) + "|"]
-        for ratio in args.mask_ratios:
-            row = [results[ratio, b].get("images_per_s", float("nan")) for b in backends]
-            label = f"{ratio}" if ratio > 0 else "0.0 (one cell masked: the loss needs one)"
-            lines.append(f"| {label} | " + " | ".join(fmt(v, 2) for v in row) + " | "
-                         + " | ".join(f"{fmt(v / row[0], 2)}x" for v in row[1:]) + " |")
-        lines.append("")
 
-    if "mixmae" in args.sections:
-        jobs = [(p, strategy) for p in args.presets for strategy in ("fcmae", "mixmae")]
-        results = run_jobs(jobs, "masking strategies", lambda preset, strategy: dict(
-            common, kind="encoder", preset=preset, backend="gather", strategy=strategy, mask_ratio=0.6))
-        lines += ["## Encoder throughput by masking strategy (gather backend, mask ratio 0.6, forward only)", "",
-                  "MixMAE encodes every cell of each source image (its own visible cells plus the cells it fills in "
-                  "its partner), FCMAE only the 40 % visible ones.", "",
-                  "| model | strategy | source images/s | vs FCMAE |", "|---|---|---|---|"]
-        for preset, strategy in jobs:
-            r, f = results[preset, strategy], results[preset, "fcmae"]
-            if "error" in r:
-                lines.append(f"| {preset} | {strategy} | error: {r['error']} | |")
-                continue
-            lines.append(f"| {preset} | {strategy} | {fmt(r['images_per_s'], 2)} | "
-                         f"{fmt(r['images_per_s'] / f['images_per_s'], 2)}x |")
-        lines.append("")
+SECTIONS = {"train": train_section, "sweep": sweep_section, "checkpointing": checkpointing_section,
+            "mixmae": mixmae_section, "inference": inference_section}
 
-    if "inference" in args.sections:
-        import tempfile
 
-        from convnextv2_hf import ConvNextV2Config, ConvNextV2ForImageClassification
-
-        impls = ["transformers", "ours", "ours+compile"]
-        try:
-            import timm  # noqa: F401
-
-            impls.append("timm")
-        except ImportError:
-            pass
-        lines += [f"## Classifier inference (batch {args.batch_size}, {args.image_size} px, same weights)", "",
-                  "| model | implementation | images/s | vs transformers | max abs logit diff vs transformers |",
-                  "|---|---|---|---|---|"]
-        for preset in args.presets:
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.manual_seed(0)
-                model = ConvNextV2ForImageClassification(ConvNextV2Config.from_preset(preset, num_labels=1000))
-                with torch.no_grad():
-                    for name, p in model.named_parameters():
-                        if ".grn." in name:
-                            p.normal_(0, 0.1)
-                model.save_pretrained(tmp)
-                results = {}
-                for impl in tqdm(impls, desc=f"inference {preset}"):
-                    out = os.path.join(tmp, f"{impl}.pt")
-                    results[impl] = run_job(dict(common, kind="inference", preset=preset, impl=impl, checkpoint=tmp,
-                                                 logits_out=out))
-                    if "error" not in results[impl]:
-                        results[impl]["logits"] = torch.load(out)
-                base = results["transformers"]
-                for impl in impls:
-                    r = results[impl]
-                    if "error" in r:
-                        lines.append(f"| {preset} | {impl} | error: {r['error']} | | |")
-                        continue
-                    diff = (r["logits"] - base["logits"]).abs().max().item()
-                    lines.append(f"| {preset} | {impl} | {fmt(r['images_per_s'], 2)} | "
-                                 f"{fmt(r['images_per_s'] / base['images_per_s'], 2)}x | {diff:.1e} |")
-        lines.append("")
-
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        return run_worker(args.worker)
+    job = dict(device=args.device, bf16=args.bf16, threads=args.threads, batch_size=args.batch_size,
+               image_size=args.image_size, warmup=args.warmup, repeats=args.repeats)
+    common = {"job": job, "backends": available_backends()}
+    lines = header(args, common)
+    for name in args.sections:
+        lines += SECTIONS[name](args, common)
     report = "\n".join(lines)
     print(report)
     output = Path(args.output or HERE / f"results-{args.device}{'-bf16' if args.bf16 else ''}.md")

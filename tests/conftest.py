@@ -1,13 +1,26 @@
+"""Shared test setup: offline environment, tiny configs and models, image folders, user-side subprocesses."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from convnextv2_hf import ConvNextV2Config  # noqa: E402
+from convnextv2_hf import ConvNextV2Config, ConvNextV2ForMaskedImageModeling  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# --config_overrides of a tiny four-stage model (2 px stem, 16 px mask cell) for the script tests.
+TINY_OVERRIDES = "depths=[1,1,1,1],hidden_sizes=[8,16,24,32],patch_size=2,decoder_hidden_size=16"
+# Appended to code run as a user would: proves the process never imported this package.
+NOT_IMPORTED = "\nimport sys\nassert 'convnextv2_hf' not in sys.modules, 'convnextv2_hf was imported'\n"
 
 
 def tiny_config(**kwargs) -> ConvNextV2Config:
@@ -19,6 +32,28 @@ def tiny_config(**kwargs) -> ConvNextV2Config:
     return ConvNextV2Config(**defaults)
 
 
+def with_active_grn(model, std: float = 0.5):
+    """GRN parameters are zero at initialisation (GRN is then the identity); draw them so that GRN matters."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".grn." in name:
+                p.normal_(0, std)
+    return model
+
+
+def active_mim(config=None, **kwargs):
+    """An FCMAE model with non-zero GRN, built from `config` or `tiny_config(**kwargs)`."""
+    return with_active_grn(ConvNextV2ForMaskedImageModeling(config or tiny_config(**kwargs)))
+
+
+def perturbed(model, std: float = 0.1):
+    """Add noise to every parameter (no structure left at its initial value), in eval mode."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return model.eval()
+
+
 @pytest.fixture
 def config():
     return tiny_config()
@@ -27,6 +62,35 @@ def config():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def user_env(tmp_path=None, **extra) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH="", **extra)
+    if tmp_path is not None:
+        env["HF_MODULES_CACHE"] = str(Path(tmp_path) / "hf-modules")
+    return env
+
+
+def run_as_user(command: list[str], tmp_path=None, timeout: int = 300, cwd=None, **env) -> subprocess.CompletedProcess:
+    """Run `command` as a user's shell would: a fresh process, stdin closed (any prompt fails), a timeout."""
+    return subprocess.run(command, env=user_env(tmp_path, **env), stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd or REPO)
+
+
+def run_plain_python(code: str, tmp_path, timeout: int = 300, python: str = sys.executable) -> str:
+    """Run `code` in a fresh interpreter that never imports this package (asserted at its end); returns stdout."""
+    result = run_as_user([python, "-c", textwrap.dedent(code) + NOT_IMPORTED], tmp_path, timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def launch_two_processes(script, args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2` of a script: CPU data parallelism over gloo."""
+    result = run_as_user(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *args], timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def make_image_folder(root, classes=("cats", "dogs"), per_class=6, size_range=(40, 90), corrupt=True, seed=0):

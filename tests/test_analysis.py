@@ -5,7 +5,7 @@ import transformers
 from conftest import tiny_config
 from convnextv2_hf import ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
 from convnextv2_hf.analysis import feature_collapse, mean_pairwise_cosine_distance
-from convnextv2_hf.modeling_convnextv2 import optimize_for_inference
+from convnextv2_hf.inference import optimize_for_inference
 
 
 def test_cosine_distance_extremes():
@@ -37,11 +37,20 @@ def test_optimize_for_inference_keeps_logits():
 
 
 def test_fused_linear_gelu_matches_the_plain_path():
-    from convnextv2_hf.modeling_convnextv2 import linear_gelu
+    from convnextv2_hf.inference import LinearGELU, fuse_linear_gelu
 
-    linear, act = torch.nn.Linear(8, 32), torch.nn.GELU()
-    x = torch.randn(2, 5, 5, 8)
+    model = ConvNextV2ForImageClassification(tiny_config()).eval()
+    images = torch.randn(2, 3, 40, 40)
     with torch.no_grad():
-        fused = linear_gelu(linear, act, x, exact_gelu=True)  # the oneDNN kernel where available
-    plain = act(linear(x))  # grad enabled: always the plain path
-    torch.testing.assert_close(fused, plain.detach(), rtol=1e-5, atol=1e-6)
+        before = model(images).logits
+    keys = set(model.state_dict())
+    assert fuse_linear_gelu(model) == 5  # one per block
+    assert isinstance(model.convnextv2.encoder.stages[0].layers[0].pwconv1, LinearGELU)
+    assert set(model.state_dict()) == keys  # same names: the model saves and loads as before
+    with torch.no_grad():
+        fused = model(images).logits  # the oneDNN kernel where available
+    torch.testing.assert_close(fused, before, rtol=1e-5, atol=1e-6)
+    model.train()
+    loss = model(images).logits.sum()  # grad enabled: the plain path, and gradients reach the weights
+    loss.backward()
+    assert model.convnextv2.encoder.stages[0].layers[0].pwconv1.weight.grad is not None

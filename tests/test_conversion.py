@@ -7,7 +7,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import perturbed, tiny_config
 from convnextv2_hf import ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
 from convnextv2_hf.cli import main as cli
 from convnextv2_hf.convert_convnextv2 import (
@@ -26,10 +26,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "timm_convnextv2.safetensors"
 
 
 def randomized(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return model.eval()
+    return perturbed(model, std=0.2)
 
 
 def test_sparse_kernel_layout_follows_spec_elementwise():

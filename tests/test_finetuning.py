@@ -11,14 +11,14 @@ import torch
 import transformers
 from PIL import Image
 
-from conftest import make_image_folder, tiny_config
+from conftest import TINY_OVERRIDES as TINY, make_image_folder, tiny_config
 from convnextv2_hf import ConvNextV2ForImageClassification
-from convnextv2_hf.finetune import MixupCutmixCollator, main as finetune
+from convnextv2_hf.training.finetune import main as finetune
+from convnextv2_hf.training.mixup import MixupCutmixCollator
 from convnextv2_hf.metrics import metric_path
-from convnextv2_hf.optim import layer_id, param_groups
-from convnextv2_hf.pretrain import main as pretrain
+from convnextv2_hf.training.optim import layer_id, param_groups
+from convnextv2_hf.training.pretrain import main as pretrain
 
-TINY = "depths=[1,1,1,1],hidden_sizes=[8,16,24,32],patch_size=2,decoder_hidden_size=16"
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,13 @@
 """Checkpoints cross between this package and plain `transformers`, the Auto classes and pipelines."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import torch
 import transformers
 from PIL import Image
 
-from conftest import tiny_config
+from conftest import perturbed, run_plain_python, tiny_config
 from convnextv2_hf import (
     ConvNextV2Config,
     ConvNextV2ForImageClassification,
@@ -19,39 +15,17 @@ from convnextv2_hf import (
     ConvNextV2ImageProcessor,
 )
 
-# Makes `import convnextv2_hf` fail inside the subprocess: it sees plain transformers only.
-BLOCK_PACKAGE = "import sys; sys.modules['convnextv2_hf'] = None\n"
-
-
-def run_without_package(code: str, tmp_path) -> None:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
-    script = BLOCK_PACKAGE + textwrap.dedent(code)
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-def randomize(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
-
 
 def test_checkpoints_load_in_plain_transformers(tmp_path):
     images = torch.randn(2, 3, 32, 48)
-    classifier = randomize(ConvNextV2ForImageClassification(tiny_config()))
+    classifier = perturbed(ConvNextV2ForImageClassification(tiny_config()))
     classifier.save_pretrained(tmp_path / "clf")
     with torch.no_grad():
         torch.save({"images": images, "logits": classifier(images).logits}, tmp_path / "expected.pt")
     ConvNextV2ForMaskedImageModeling(tiny_config()).save_pretrained(tmp_path / "fcmae")
-    run_without_package(
+    run_plain_python(
         f"""
         import torch, transformers
-        try:
-            import convnextv2_hf
-            raise SystemExit("package should not be importable here")
-        except ImportError:
-            pass
         expected = torch.load({str(tmp_path / 'expected.pt')!r})
         model = transformers.AutoModelForImageClassification.from_pretrained({str(tmp_path / 'clf')!r})
         assert type(model).__module__.startswith("transformers."), type(model)
@@ -76,7 +50,7 @@ def test_transformers_checkpoint_loads_into_ours(tmp_path):
     hf_config = transformers.ConvNextV2Config(
         depths=[1, 1, 2, 1], hidden_sizes=[8, 16, 24, 32], patch_size=2, num_labels=4
     )
-    theirs = randomize(transformers.ConvNextV2ForImageClassification(hf_config))
+    theirs = perturbed(transformers.ConvNextV2ForImageClassification(hf_config))
     theirs.save_pretrained(tmp_path)
     ours, info = ConvNextV2ForImageClassification.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -100,7 +74,7 @@ def test_import_registers_auto_classes(tmp_path):
 
 
 def test_remote_code_works_without_the_package(tmp_path):
-    model = randomize(ConvNextV2ForMaskedImageModeling(tiny_config()))
+    model = perturbed(ConvNextV2ForMaskedImageModeling(tiny_config()))
     model.save_pretrained(tmp_path / "ckpt")
     ConvNextV2ImageProcessor(size={"shortest_edge": 32}, mask_cell_size=16).save_pretrained(tmp_path / "ckpt")
     images = torch.randn(2, 3, 32, 32)
@@ -108,7 +82,7 @@ def test_remote_code_works_without_the_package(tmp_path):
     with torch.no_grad():
         loss = model(images, bool_masked_pos=mask).loss
     torch.save({"images": images, "mask": mask, "loss": loss}, tmp_path / "expected.pt")
-    run_without_package(
+    run_plain_python(
         f"""
         import torch, transformers
         from PIL import Image

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -57,10 +59,20 @@ def test_mask_cell_must_divide_the_processed_size():
         processor(odd_images()[0], return_bool_masked_pos=True)
 
 
-def test_save_and_load(tmp_path):
+def test_saved_beside_an_fcmae_model_it_keeps_masks_elsewhere_it_is_native(tmp_path):
+    from conftest import tiny_config
+    from convnextv2_hf import ConvNextV2ForMaskedImageModeling
+
     processor = ConvNextV2ImageProcessor(size={"shortest_edge": 64}, mask_ratio=0.75, return_bool_masked_pos=True)
-    processor.save_pretrained(tmp_path)
-    loaded = ConvNextV2ImageProcessor.from_pretrained(tmp_path)
+    ConvNextV2ForMaskedImageModeling(tiny_config()).save_pretrained(tmp_path / "fcmae")
+    processor.save_pretrained(tmp_path / "fcmae")
+    loaded = ConvNextV2ImageProcessor.from_pretrained(tmp_path / "fcmae")
     assert loaded.mask_ratio == 0.75 and loaded.return_bool_masked_pos
     out = loaded(odd_images()[0], return_tensors="pt")
     assert out["bool_masked_pos"].shape == (1, 4)
+
+    processor.save_pretrained(tmp_path / "plain")
+    saved = json.loads((tmp_path / "plain" / "preprocessor_config.json").read_text())
+    assert saved["image_processor_type"] == "ConvNextImageProcessor" and "auto_map" not in saved
+    assert not any(key.startswith("mask") or "masked" in key for key in saved)
+    assert not list((tmp_path / "plain").glob("*.py"))

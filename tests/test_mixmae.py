@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import active_mim, tiny_config
 from convnextv2_hf import ConvNextV2Config, ConvNextV2ForMaskedImageModeling
 from convnextv2_hf.masking import patchify
-from test_sparse_backends import FAST_BACKENDS, assert_backends_agree, randomized
+from test_sparse_backends import FAST_BACKENDS, assert_backends_agree
 
 
 def mixmae_model(**kwargs):
-    return randomized(tiny_config(mask_strategy="mixmae", sparse_grn_scope="sample", **kwargs)).eval()
+    return active_mim(tiny_config(mask_strategy="mixmae", sparse_grn_scope="sample", **kwargs)).eval()
 
 
 def test_changing_the_partner_leaves_the_source_untouched():
@@ -54,7 +54,7 @@ def test_batch_of_one_is_rejected():
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("scope", ["batch", "sample"])
 def test_backends_agree_under_mixmae(backend, scope):
-    model = randomized(tiny_config(mask_strategy="mixmae", sparse_grn_scope=scope))
+    model = active_mim(tiny_config(mask_strategy="mixmae", sparse_grn_scope=scope))
     images = torch.randn(3, 3, 48, 32)
     mask = torch.rand(3, 3, 2, generator=torch.Generator().manual_seed(0)) < 0.5
     mask[:, 0, 0], mask[:, 1, 1] = True, False  # at least one visible and one masked cell per image

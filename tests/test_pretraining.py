@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_image_folder
-from convnextv2_hf.pretrain import find_checkpoint, main as pretrain, parse_config_overrides
+from conftest import TINY_OVERRIDES as TINY, launch_two_processes, make_image_folder
+from convnextv2_hf.training.arguments import parse_config_overrides
+from convnextv2_hf.training.checkpoints import find_checkpoint
+from convnextv2_hf.training.pretrain import main as pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "pretraining" / "run_fcmae.py"
-TINY = "depths=[1,1,1,1],hidden_sizes=[8,16,24,32],patch_size=2,decoder_hidden_size=16"
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +28,6 @@ def tiny_args(images, output_dir, *extra):
     return ["--train_dir", str(images), "--output_dir", str(output_dir), "--config_overrides", TINY,
             "--image_size", "32", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
             "--num_warmup_steps", "1", "--sparse_grn_scope", "sample", "--seed", "3", *extra]
-
-
-def launch_two_processes(args):
-    """`accelerate launch --multi_gpu --num_processes 2` of the example script: CPU data parallelism over gloo."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *args],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "total batch 4" in result.stdout
 
 
 def history(output_dir):
@@ -87,7 +76,7 @@ def test_two_processes_with_half_batch_match_one_process(images, tmp_path):
     two = tmp_path / "two"
     args = tiny_args(images, two, "--max_train_steps", "3", "--skip_corrupt_images")
     args[args.index("--per_device_train_batch_size") + 1] = "2"
-    launch_two_processes(args)
+    assert "total batch 4" in launch_two_processes(SCRIPT, args).stdout
     for (_, a), (_, b) in zip(history(tmp_path / "one"), history(two)):
         assert a == pytest.approx(b, rel=1e-4)
 
@@ -146,5 +135,5 @@ def test_mixmae_pretraining_single_and_two_processes(images, tmp_path):
     assert config["mask_strategy"] == "mixmae"
     args = tiny_args(images, tmp_path / "mix2", "--max_train_steps", "2", "--skip_corrupt_images", "--mask_strategy", "mixmae")
     args[args.index("--per_device_train_batch_size") + 1] = "2"
-    launch_two_processes(args)
+    assert "total batch 4" in launch_two_processes(SCRIPT, args).stdout
     assert all(loss > 0 for _, loss in history(tmp_path / "mix2"))

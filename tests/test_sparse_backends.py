@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import active_mim, tiny_config
 from convnextv2_hf import ConvNextV2Config, ConvNextV2ForMaskedImageModeling
 from convnextv2_hf.masking import random_masking
 from convnextv2_hf.sparse_backends import SPARSE_BACKENDS, get_sparse_backend, minkowski_engine_available
@@ -34,21 +34,11 @@ def assert_backends_agree(model, images, mask, backend):
         torch.testing.assert_close(grads[name], ref_grads[name], **close, msg=lambda m: f"{name}: {m}")
 
 
-def randomized(config):
-    """Default initialisation, plus non-zero GRN parameters (zero at init) so that GRN is exercised."""
-    model = ConvNextV2ForMaskedImageModeling(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".grn." in name:
-                p.normal_(0, 0.5)
-    return model
-
-
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("scope", ["batch", "sample"])
 @pytest.mark.parametrize("ratio", [0.3, 0.6, 0.9])
 def test_tiny_config_rectangular_inputs(backend, scope, ratio):
-    model = randomized(tiny_config(sparse_grn_scope=scope, drop_path_rate=0.2)).eval()  # drop path: eval mode
+    model = active_mim(tiny_config(sparse_grn_scope=scope, drop_path_rate=0.2)).eval()  # drop path: eval mode
     images = torch.randn(3, 3, 48, 80)
     mask = random_masking(3, (3, 5), ratio, generator=torch.Generator().manual_seed(1)).view(3, 3, 5)
     assert_backends_agree(model, images, mask, backend)
@@ -57,7 +47,7 @@ def test_tiny_config_rectangular_inputs(backend, scope, ratio):
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("preset", ["atto", "femto"])
 def test_presets(backend, preset):
-    model = randomized(ConvNextV2Config.from_preset(preset, decoder_hidden_size=32, norm_pix_loss=True))
+    model = active_mim(ConvNextV2Config.from_preset(preset, decoder_hidden_size=32, norm_pix_loss=True))
     images = torch.randn(2, 3, 64, 96)
     mask = random_masking(2, (2, 3), 0.6, generator=torch.Generator().manual_seed(2)).view(2, 2, 3)
     assert_backends_agree(model.eval(), images, mask, backend)
@@ -65,7 +55,7 @@ def test_presets(backend, preset):
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_non_default_stem_and_uneven_masks(backend):
-    model = randomized(tiny_config(patch_size=1, num_stages=3, depths=[1, 2, 1], hidden_sizes=[8, 12, 16]))
+    model = active_mim(tiny_config(patch_size=1, num_stages=3, depths=[1, 2, 1], hidden_sizes=[8, 12, 16]))
     images = torch.randn(2, 3, 20, 12)  # 4-px cells: a 5 x 3 grid
     mask = torch.zeros(2, 5, 3, dtype=torch.bool)
     mask[0, :4] = True  # sample 0 keeps one row of cells
@@ -101,7 +91,7 @@ def test_unknown_backend_is_named():
 
 
 def test_drop_path_in_training_drops_whole_samples():
-    model = randomized(tiny_config(drop_path_rate=0.5, sparse_backend="gather")).train()
+    model = active_mim(tiny_config(drop_path_rate=0.5, sparse_backend="gather")).train()
     images = torch.randn(4, 3, 32, 32)
     mask = torch.tensor([[True, False, False, True]] * 4)
     losses = {model(images, bool_masked_pos=mask).loss.item() for _ in range(4)}

@@ -6,10 +6,10 @@
         --layer_decay 0.9 --label_smoothing_factor 0.1 --eval_strategy epoch
 
 All flags, including every `TrainingArguments` one: `python examples/classification/run_finetune.py --help`.
-The code lives in `convnextv2_hf.finetune`.
+The code lives in `convnextv2_hf.training.finetune`.
 """
 
-from convnextv2_hf.finetune import main
+from convnextv2_hf.training.finetune import main
 
 if __name__ == "__main__":
     main()

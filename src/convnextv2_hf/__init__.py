@@ -1,10 +1,19 @@
 """ConvNeXt V2 and FCMAE masked pre-training for the Hugging Face ecosystem.
 
-Importing the package registers its classes with the `transformers` Auto classes, and marks them so that
-`save_pretrained` writes their code beside the weights (`trust_remote_code=True` then works without this package).
+Three layers:
+
+- **Model side** (`configuration_convnextv2`, `modeling_convnextv2`, `sparse_backends`, `sparse_ops`, `masking`,
+  `image_processing_convnextv2`): flat modules that import only torch, transformers and each other, because FCMAE
+  checkpoints carry them as their `trust_remote_code` files.
+- **Library side** (`inference`, `convert_convnextv2`, `analysis`, `hub`, `metrics`, `cli`, `demo`): never shipped.
+- **Training toolkit** (`training/`): arguments, data, augmentation, checkpoints, optimizer, engines, reporting.
+
+Importing the package registers the classes with the `transformers` Auto classes. Classifier, backbone and base
+model folders are plain transformers checkpoints; only FCMAE folders carry code, since transformers has no FCMAE.
 """
 
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
@@ -14,8 +23,9 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from .configuration_convnextv2 import CONVNEXTV2_PRESETS, ConvNextV2Config
-from .image_processing_convnextv2 import ConvNextV2ImageProcessor
+from .image_processing_convnextv2 import ConvNextImageProcessorPil, ConvNextV2ImageProcessor
 from .modeling_convnextv2 import (
+    ConvNextV2Backbone,
     ConvNextV2ForImageClassification,
     ConvNextV2ForMaskedImageModeling,
     ConvNextV2MaskedImageModelingOutput,
@@ -23,24 +33,23 @@ from .modeling_convnextv2 import (
     ConvNextV2PreTrainedModel,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 AutoConfig.register(ConvNextV2Config.model_type, ConvNextV2Config, exist_ok=True)
 AutoModel.register(ConvNextV2Config, ConvNextV2Model, exist_ok=True)
 AutoModelForImageClassification.register(ConvNextV2Config, ConvNextV2ForImageClassification, exist_ok=True)
 AutoModelForMaskedImageModeling.register(ConvNextV2Config, ConvNextV2ForMaskedImageModeling, exist_ok=True)
+AutoBackbone.register(ConvNextV2Config, ConvNextV2Backbone, exist_ok=True)
+_backend = "pil" if issubclass(ConvNextV2ImageProcessor, ConvNextImageProcessorPil) else "torchvision"
 _verbosity = hf_logging.get_verbosity()
 hf_logging.set_verbosity_error()  # registering resolves transformers' torchvision processor, which warns without it
 try:
-    AutoImageProcessor.register(
-        ConvNextV2Config, image_processor_classes={"pil": ConvNextV2ImageProcessor}, exist_ok=True
-    )
+    AutoImageProcessor.register(ConvNextV2Config, image_processor_classes={_backend: ConvNextV2ImageProcessor},
+                                exist_ok=True)
 finally:
     hf_logging.set_verbosity(_verbosity)
 
-ConvNextV2Config.register_for_auto_class()
-ConvNextV2Model.register_for_auto_class("AutoModel")
-ConvNextV2ForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+# Only what transformers lacks writes its code into saved folders (for trust_remote_code).
 ConvNextV2ForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageModeling")
 ConvNextV2ImageProcessor.register_for_auto_class("AutoImageProcessor")
 
@@ -51,6 +60,7 @@ __all__ = [
     "ConvNextV2Model",
     "ConvNextV2PreTrainedModel",
     "ConvNextV2ForImageClassification",
+    "ConvNextV2Backbone",
     "ConvNextV2ForMaskedImageModeling",
     "ConvNextV2MaskedImageModelingOutput",
 ]

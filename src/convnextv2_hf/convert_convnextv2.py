@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .configuration_convnextv2 import ConvNextV2Config
-from .sparse_layout import dense_conv_to_sparse, dense_dwconv_to_sparse, sparse_conv_to_dense, sparse_dwconv_to_dense
+from .sparse_ops import dense_conv_to_sparse, dense_dwconv_to_sparse, sparse_conv_to_dense, sparse_dwconv_to_dense
 
 StateDict = dict[str, torch.Tensor]
 LAYOUTS = ("reference", "timm", "transformers")

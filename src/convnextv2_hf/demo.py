@@ -102,39 +102,41 @@ def split_files(files, class_names, out: Path, test_fraction: float, labels_per_
 
 def pretrain_run(data: Path, output: Path, args, seed: int, extra: str = "", steps: int | None = None,
                  strategy: str = "fcmae") -> dict:
-    from .pretrain import main as pretrain
+    from .training.arguments import DataArguments, ModelArguments, PretrainingArguments
+    from .training.pretrain import run as pretrain
 
     steps = steps or args.pretrain_steps
-    return pretrain(["--mask_strategy", strategy, "--hub_model_id", f"convnextv2-demo-{output.name}",
-        "--train_dir", str(data / "train"), "--output_dir", str(output), "--overwrite_output_dir",
-        "--config_overrides", args.model_config + extra, "--image_size", str(args.image_size),
-        "--per_device_train_batch_size", "64", "--max_train_steps", str(steps),
-        "--num_warmup_steps", str(max(1, steps // 10)), "--base_learning_rate", "1.5e-3", "--crop_min_scale", "0.5",
-        "--sparse_grn_scope", "sample", "--seed", str(seed), "--skip_corrupt_images",
-    ])
+    return pretrain(
+        ModelArguments(config_overrides=args.model_config + extra, image_size=args.image_size),
+        DataArguments(train_dir=str(data / "train"), skip_corrupt_images=True),
+        PretrainingArguments(
+            output_dir=str(output), overwrite_output_dir=True, mask_strategy=strategy, sparse_grn_scope="sample",
+            hub_model_id=f"convnextv2-demo-{output.name}", per_device_train_batch_size=64, max_train_steps=steps,
+            num_warmup_steps=max(1, steps // 10), base_learning_rate=1.5e-3, crop_min_scale=0.5, seed=seed),
+    )
 
 
 def finetune_run(data: Path, output: Path, args, seed: int, start: str | None, labelled: int) -> dict:
-    from .finetune import main as finetune
+    from transformers import TrainingArguments
+
+    from .training.arguments import DataArguments, FinetuningArguments, ModelArguments
+    from .training.finetune import run as finetune
 
     every = 5 * -(-labelled // 32)  # evaluate every 5 epochs
-    command = [
-        "--train_dir", str(data / "labelled"), "--validation_dir", str(data / "test"), "--output_dir", str(output),
-        "--image_size", str(args.image_size), "--num_train_epochs", str(args.finetune_epochs),
-        "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "256", "--learning_rate", "2e-3",
-        "--weight_decay", "0.05", "--warmup_steps", "0.1", "--lr_scheduler_type", "cosine",
-        "--label_smoothing_factor", "0.1", "--drop_path_rate", "0.1", "--crop_min_scale", "0.5",
-        "--eval_strategy", "steps", "--eval_steps", str(every), "--logging_strategy", "steps",
-        "--logging_steps", str(every), "--save_strategy", "no", "--report_to", "none",
-        "--seed", str(seed), "--data_seed", str(seed), "--disable_tqdm", "true", "--skip_corrupt_images",
-        "--hub_model_id", "convnextv2-demo-finetuned" if output.name == "fcmae-seed0" else f"convnextv2-demo-{output.name}",
-    ]
-    if start is None:
-        command += ["--config_overrides", args.model_config]
-    else:
-        # No layer-wise decay: on this small model it cost 3-4 points (tried 0.65 and 0.8), see the README.
-        command += ["--model_name_or_path", start]
-    return finetune(command)
+    training = TrainingArguments(
+        output_dir=str(output), num_train_epochs=args.finetune_epochs, per_device_train_batch_size=32,
+        per_device_eval_batch_size=256, learning_rate=2e-3, weight_decay=0.05, warmup_steps=0.1,
+        lr_scheduler_type="cosine", label_smoothing_factor=0.1, eval_strategy="steps", eval_steps=every,
+        logging_strategy="steps", logging_steps=every, save_strategy="no", report_to="none", seed=seed,
+        data_seed=seed, disable_tqdm=True,
+        hub_model_id="convnextv2-demo-finetuned" if output.name == "fcmae-seed0" else f"convnextv2-demo-{output.name}",
+    )
+    # No layer-wise decay: on this small model it cost 3-4 points (tried 0.65 and 0.8), see the README.
+    model = (ModelArguments(config_overrides=args.model_config, image_size=args.image_size) if start is None
+             else ModelArguments(model_name_or_path=start, image_size=args.image_size))
+    return finetune(model, DataArguments(train_dir=str(data / "labelled"), validation_dir=str(data / "test"),
+                                         skip_corrupt_images=True),
+                    FinetuningArguments(drop_path_rate=0.1, crop_min_scale=0.5), training)
 
 
 def eval_curve(run_dir: Path) -> tuple[list[float], list[float]]:
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from . import ConvNextV2ForMaskedImageModeling, ConvNextV2ImageProcessor
     from .analysis import feature_collapse
-    from .plots import save_curves
+    from .training.reporting import save_curves
 
     out = Path(args.output_dir)
     data = out / "data"

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
-from huggingface_hub import HfApi
-from huggingface_hub.constants import HF_HUB_OFFLINE
+from huggingface_hub import HfApi, is_offline_mode
 
 
 def ensure_hub_available(action: str, token: str | None = None) -> None:
     """Raise a `RuntimeError` explaining why `action` cannot reach the Hub (offline mode, no network, no login)."""
-    if HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):
+    if is_offline_mode():
         raise RuntimeError(
             f"Cannot {action}: HF_HUB_OFFLINE is set, so the Hugging Face Hub is not contacted. Unset it (and make "
             "sure the machine can reach huggingface.co), or drop the hub option and use local files."

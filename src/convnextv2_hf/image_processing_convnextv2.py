@@ -1,6 +1,16 @@
-"""Image processor for ConvNeXt V2: transformers' ConvNeXt preprocessing plus FCMAE masks."""
+"""Image processor for ConvNeXt V2: transformers' ConvNeXt preprocessing, any image mode, plus FCMAE masks.
+
+It builds on the ConvNeXt processor that `transformers.AutoImageProcessor` itself picks in this environment (the
+torchvision one when torchvision is installed, the PIL one otherwise), so its pixels equal those of a plain
+transformers pipeline on the same image.
+
+Model side: shipped inside FCMAE checkpoints, so it imports only numpy, PIL, torch, transformers and its neighbours.
+"""
 
 from __future__ import annotations
+
+import json
+import os
 
 import numpy as np
 import PIL.Image
@@ -10,8 +20,20 @@ from transformers.models.convnext.image_processing_pil_convnext import (
     ConvNextImageProcessorKwargs,
     ConvNextImageProcessorPil,
 )
+from transformers.utils import is_torchvision_available, logging
 
 from .masking import random_masking
+
+if is_torchvision_available():  # the same choice AutoImageProcessor makes by default
+    from transformers.models.convnext.image_processing_convnext import ConvNextImageProcessor as _ConvNextProcessor
+else:
+    _ConvNextProcessor = ConvNextImageProcessorPil
+
+logger = logging.get_logger(__name__)
+
+MASK_SETTINGS = ("return_bool_masked_pos", "mask_ratio", "mask_cell_size", "mask_seed")
+# Resizing the short side to the target size must not blow an extreme aspect ratio up into a huge image.
+MAX_ASPECT_RATIO = 64
 
 
 class ConvNextV2ImageProcessorKwargs(ConvNextImageProcessorKwargs, total=False):
@@ -55,21 +77,57 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
-def array_to_uint8(array: np.ndarray) -> np.ndarray:
-    """Bring integer arrays wider than 8 bits into 0..255, so 16-bit images are not clipped."""
-    if array.dtype.kind in "ui" and array.dtype.itemsize > 1:
-        peak = 65535 if array.max(initial=0) > 255 else 255
+def array_to_uint8(array: np.ndarray, do_rescale: bool = True) -> np.ndarray:
+    """Bring array pixels to 8 bits: 16-bit integers are rescaled (not clipped); floats in [0, 1] are taken as
+    already rescaled (`x * 255`, logged once) and floats in [0, 255] as plain values. Anything else is refused."""
+    if array.dtype == np.uint8 or array.dtype == bool or array.size == 0:
+        return array
+    low, high = array.min(), array.max()
+    if array.dtype.kind in "ui":
+        if low < 0 or high > 65535:
+            raise ValueError(f"Integer pixel values must lie in 0..255 (8-bit) or 0..65535 (16-bit), got {low}..{high}.")
+        peak = 65535 if high > 255 else 255
         return (array.astype(np.float64) * (255.0 / peak)).round().astype(np.uint8)
-    return array
+    if array.dtype.kind != "f" or not do_rescale:
+        return array
+    if not np.isfinite(array).all() or low < 0 or high > 255:
+        raise ValueError(
+            f"Float pixel values must lie in [0, 1] (already rescaled) or [0, 255], got {low:.3g}..{high:.3g}; values "
+            "outside look normalised already: give the model those directly, or pass do_rescale=False."
+        )
+    if high <= 1:
+        logger.warning_once("Float images with values in [0, 1] are taken as already rescaled (multiplied by 255).")
+        array = array * 255.0
+    return np.round(array).astype(np.uint8)
 
 
-class ConvNextV2ImageProcessor(ConvNextImageProcessorPil):
+def check_aspect_ratio(height: int, width: int) -> None:
+    if max(height, width) > MAX_ASPECT_RATIO * max(1, min(height, width)):
+        raise ValueError(
+            f"Image of {width}x{height} px has an aspect ratio beyond {MAX_ASPECT_RATIO}:1; resizing its short side "
+            "to the model's size would create a huge image. Crop or pad it first."
+        )
+
+
+def holds_fcmae_model(folder: str | os.PathLike) -> bool:
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file):
+        return False
+    with open(config_file, encoding="utf-8") as handle:
+        return "ConvNextV2ForMaskedImageModeling" in (json.load(handle).get("architectures") or [])
+
+
+class ConvNextV2ImageProcessor(_ConvNextProcessor):
     r"""
     Resize, center-crop and normalise as transformers' ConvNeXt processor does, and optionally draw FCMAE masks.
 
-    Accepts PIL images of any mode (L, P, RGBA, CMYK, I;16, ...), NumPy arrays and tensors; every image is
-    converted to RGB first. With `return_bool_masked_pos=True` it also returns `bool_masked_pos` of shape
-    `(batch, h * w)` for `h x w` mask cells, with exactly `int(h * w * (1 - mask_ratio))` visible cells per image.
+    Accepts PIL images of any mode (L, P, RGBA, CMYK, I;16, ...), NumPy arrays and tensors (8- or 16-bit integers,
+    or floats in [0, 255] or already rescaled to [0, 1]); every image is converted to RGB first. With
+    `return_bool_masked_pos=True` it also returns `bool_masked_pos` of shape `(batch, h * w)` for `h x w` mask
+    cells, with exactly `int(h * w * (1 - mask_ratio))` visible cells per image.
+
+    Saved into a folder that holds an FCMAE model it keeps its mask settings and code (`trust_remote_code`);
+    anywhere else it is saved as transformers' own ConvNeXt processor, which plain transformers loads natively.
 
     Example:
 
@@ -84,6 +142,7 @@ class ConvNextV2ImageProcessor(ConvNextImageProcessorPil):
     """
 
     valid_kwargs = ConvNextV2ImageProcessorKwargs
+    size = {"shortest_edge": 224}
     do_convert_rgb = True
     return_bool_masked_pos = False
     mask_ratio = 0.6
@@ -91,18 +150,19 @@ class ConvNextV2ImageProcessor(ConvNextImageProcessorPil):
     mask_seed = None
     model_input_names = ["pixel_values"]
 
-    def process_image(self, image, *args, **kwargs):
+    def process_image(self, image, *args, do_rescale: bool | None = None, **kwargs):
         if isinstance(image, PIL.Image.Image):
+            check_aspect_ratio(image.height, image.width)
             image = to_rgb(image)
-        elif isinstance(image, torch.Tensor):
-            image = array_to_uint8(image.detach().cpu().numpy())
-        elif isinstance(image, np.ndarray):
-            image = array_to_uint8(image)
-        if isinstance(image, np.ndarray) and image.ndim == 2:  # grayscale (H, W)
-            image = np.repeat(image[..., None], 3, axis=-1)
-        image = super().process_image(image, *args, **kwargs)
+        elif isinstance(image, (torch.Tensor, np.ndarray)):
+            array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
+            image = array_to_uint8(array, self.do_rescale if do_rescale is None else do_rescale)
+            if image.ndim == 2:  # grayscale (H, W)
+                image = np.repeat(image[..., None], 3, axis=-1)
+        image = super().process_image(image, *args, do_rescale=do_rescale, **kwargs)
+        check_aspect_ratio(*image.shape[-2:])
         if image.shape[0] == 1:  # grayscale arrays
-            image = np.repeat(image, 3, axis=0)
+            image = image[[0, 0, 0]]
         elif image.shape[0] == 4:  # RGBA arrays: drop alpha
             image = image[:3]
         return image
@@ -122,24 +182,9 @@ class ConvNextV2ImageProcessor(ConvNextImageProcessorPil):
         data = dict(features)
         if return_bool_masked_pos:
             data["bool_masked_pos"] = self.draw_masks(
-                [image.shape[-2:] for image in data["pixel_values"]], mask_ratio, mask_cell_size, mask_seed
+                [tuple(image.shape[-2:]) for image in data["pixel_values"]], mask_ratio, mask_cell_size, mask_seed
             )
         return BatchFeature(data=data, tensor_type=return_tensors)
-
-    @classmethod
-    def for_training(cls, source: str | None, image_size: int, mask_cell_size: int, mask_ratio: float | None = None):
-        """The processor saved in `source` if there is one, else the defaults; set to `image_size` and the mask cell."""
-        import os
-
-        if source and os.path.exists(os.path.join(source, "preprocessor_config.json")):
-            processor = cls.from_pretrained(source)
-        else:
-            processor = cls()
-        processor.size = {"shortest_edge": image_size}
-        processor.mask_cell_size = mask_cell_size
-        if mask_ratio is not None:
-            processor.mask_ratio = mask_ratio
-        return processor
 
     @staticmethod
     def draw_masks(
@@ -157,6 +202,18 @@ class ConvNextV2ImageProcessor(ConvNextImageProcessorPil):
             grid = (height // mask_cell_size, width // mask_cell_size)
             masks.append(random_masking(1, grid, mask_ratio, generator=generator)[0].numpy())
         return masks
+
+    def native_processor(self) -> ConvNextImageProcessorPil:
+        """The same preprocessing as transformers' own ConvNeXt processor (no mask settings)."""
+        keys = ConvNextImageProcessorKwargs.__optional_keys__ | ConvNextImageProcessorKwargs.__required_keys__
+        settings = {key: value for key, value in self.to_dict().items() if key in keys}
+        return ConvNextImageProcessorPil(**settings)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Beside an FCMAE model: this processor with its code; anywhere else: transformers' ConvNeXt processor."""
+        if holds_fcmae_model(save_directory):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        return self.native_processor().save_pretrained(save_directory, *args, **kwargs)
 
 
 __all__ = ["ConvNextV2ImageProcessor", "to_rgb"]

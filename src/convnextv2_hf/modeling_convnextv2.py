@@ -1,10 +1,15 @@
-"""PyTorch ConvNeXt V2 models: backbone, image classifier and FCMAE masked image modeling.
+"""PyTorch ConvNeXt V2 models: backbone, image classifier, feature-pyramid backbone and FCMAE masked image modeling.
 
 Parameter names and shapes follow `transformers`' ConvNeXt V2 exactly, so checkpoints cross over both ways.
+
+Model side: this file and the files it imports are copied into FCMAE checkpoints (`trust_remote_code`), so they
+import only torch, transformers and each other.
 """
 
 from __future__ import annotations
 
+import difflib
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -13,16 +18,22 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
+    BackboneOutput,
     BaseModelOutputWithPoolingAndNoAttention,
     ImageClassifierOutputWithNoAttention,
 )
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
 from .configuration_convnextv2 import ConvNextV2Config
-from .grn import apply_grn, relative_response
 from .masking import normalize_patches, patchify, random_masking, unpatchify, upsample_mask
 from .sparse_backends import get_sparse_backend
+from .sparse_ops import apply_grn, relative_response
+
+# --------------------------------------------------------------------------------------------- layers
 
 
 class ConvNextV2LayerNorm(nn.LayerNorm):
@@ -84,31 +95,10 @@ class ConvNextV2Embeddings(nn.Module):
         self.num_channels = config.num_channels
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        check_pixel_values(pixel_values, self.num_channels)
         return self.layernorm(self.patch_embeddings(pixel_values))
 
 
-def _has_fused_linear_gelu() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_FUSED_LINEAR_GELU = _has_fused_linear_gelu()
-
-
-def linear_gelu(linear: nn.Linear, act: nn.Module, x: torch.Tensor, exact_gelu: bool) -> torch.Tensor:
-    """`act(linear(x))`; for eager fp32 CPU inference one fused oneDNN kernel computes the same exact-erf GELU
-    (about 4x faster than the two ops; `torch.compile` does its own fusion, so it gets the plain ops)."""
-    if (exact_gelu and _FUSED_LINEAR_GELU and not torch.compiler.is_compiling() and not torch.is_grad_enabled()
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32 and linear.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), linear.weight, linear.bias, "gelu", [], "none")
-    return act(linear(x))
-
-
-class ConvNextV2Layer(nn.Module):
+class ConvNextV2Layer(GradientCheckpointingLayer):
     """ConvNeXt V2 block: dwconv 7x7 -> LN -> Linear(4C) -> GELU -> GRN -> Linear(C), plus residual."""
 
     def __init__(self, config: ConvNextV2Config, dim: int, drop_path: float = 0.0):
@@ -117,32 +107,27 @@ class ConvNextV2Layer(nn.Module):
         self.layernorm = ConvNextV2LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = ACT2FN[config.hidden_act]
-        self.exact_gelu = config.hidden_act == "gelu"
         self.grn = ConvNextV2GRN(4 * dim) if getattr(config, "use_grn", True) else nn.Identity()
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.drop_path = ConvNextV2DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.dwconv(x).permute(0, 2, 3, 1)
-        y = self.grn(linear_gelu(self.pwconv1, self.act, self.layernorm(y), self.exact_gelu))
-        y = self.pwconv2(y).permute(0, 3, 1, 2)
+        y = self.layernorm(self.dwconv(x).permute(0, 2, 3, 1))
+        y = self.pwconv2(self.grn(self.act(self.pwconv1(y)))).permute(0, 3, 1, 2)
         return x + self.drop_path(y)
 
 
 class ConvNextV2Stage(nn.Module):
-    """Optional downsampling (LN + 2x2 stride-2 conv) followed by `depth` blocks."""
+    """Downsampling (LN + 2x2 stride-2 conv, every stage but the first) followed by `depth` blocks."""
 
-    def __init__(self, config, in_channels: int, out_channels: int, depth: int, drop_path_rates: list[float]):
+    def __init__(self, config, in_channels: int, out_channels: int, downsample: bool, drop_path_rates: list[float]):
         super().__init__()
-        if in_channels != out_channels:
-            self.downsampling_layer = nn.ModuleList(
-                [
-                    ConvNextV2LayerNorm(in_channels, eps=1e-6, data_format="channels_first"),
-                    nn.Conv2d(in_channels, out_channels, kernel_size=2, stride=2),
-                ]
-            )
-        else:
-            self.downsampling_layer = nn.ModuleList()
+        self.downsampling_layer = nn.ModuleList()
+        if downsample:
+            self.downsampling_layer.extend([
+                ConvNextV2LayerNorm(in_channels, eps=1e-6, data_format="channels_first"),
+                nn.Conv2d(in_channels, out_channels, kernel_size=2, stride=2),
+            ])
         self.layers = nn.ModuleList(ConvNextV2Layer(config, out_channels, rate) for rate in drop_path_rates)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,18 +139,15 @@ class ConvNextV2Stage(nn.Module):
 
 
 class ConvNextV2Encoder(nn.Module):
+    """The stages; like transformers', every stage after the first halves the resolution (also at equal widths)."""
+
     def __init__(self, config: ConvNextV2Config):
         super().__init__()
         rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").split(config.depths)
-        self.stages = nn.ModuleList()
-        previous = config.hidden_sizes[0]
-        for i in range(config.num_stages):
-            if i > 0 and config.hidden_sizes[i] == previous:
-                raise ValueError("Consecutive stages must change width (the downsampling layer depends on it).")
-            self.stages.append(
-                ConvNextV2Stage(config, previous, config.hidden_sizes[i], config.depths[i], rates[i].tolist())
-            )
-            previous = config.hidden_sizes[i]
+        widths = [config.hidden_sizes[0]] + list(config.hidden_sizes)
+        self.stages = nn.ModuleList(
+            ConvNextV2Stage(config, widths[i], widths[i + 1], i > 0, rates[i].tolist()) for i in range(config.num_stages)
+        )
 
     def forward(self, x: torch.Tensor, output_hidden_states: bool = False):
         hidden_states = (x,) if output_hidden_states else None
@@ -176,25 +158,104 @@ class ConvNextV2Encoder(nn.Module):
         return x, hidden_states
 
 
-def check_pixel_values(pixel_values: torch.Tensor, num_channels: int, cell: int | None = None) -> None:
-    """Raise a `ValueError` naming the problem if `pixel_values` is not a valid `(N, C, H, W)` batch."""
+# --------------------------------------------------------------------------------------------- input checks
+
+
+ACCEPTED_KWARGS = frozenset(TransformersKwargs.__annotations__)
+PROCESSOR_HINT = "ConvNextV2ImageProcessor (or AutoImageProcessor) with return_tensors='pt'"
+
+
+def check_kwargs(model: nn.Module, kwargs: dict, parameters: tuple[str, ...]) -> None:
+    """Unknown keyword arguments are errors, with the nearest known name as a hint."""
+    unknown = sorted(set(kwargs) - ACCEPTED_KWARGS)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], parameters + tuple(ACCEPTED_KWARGS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        raise TypeError(f"{type(model).__name__}.forward() got an unexpected keyword argument {unknown[0]!r}{hint}")
+
+
+def check_pixel_values(pixel_values, config: ConvNextV2Config, dtype: torch.dtype, multiple: bool = False) -> None:
+    """Raise a `ValueError` naming the problem if `pixel_values` is not a valid `(N, C, H, W)` batch for the model."""
+    if pixel_values is None:
+        raise ValueError(f"You have to specify pixel_values (from {PROCESSOR_HINT}).")
     if not isinstance(pixel_values, torch.Tensor):
-        raise ValueError(f"`pixel_values` must be a torch.Tensor, got {type(pixel_values).__name__}.")
+        raise ValueError(f"`pixel_values` must be a torch.Tensor (from {PROCESSOR_HINT}), got {type(pixel_values).__name__}.")
     if pixel_values.dim() != 4:
         raise ValueError(f"`pixel_values` must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}.")
-    if pixel_values.shape[1] != num_channels:
+    if pixel_values.shape[1] != config.num_channels:
         raise ValueError(
-            f"`pixel_values` has {pixel_values.shape[1]} channels but the model expects {num_channels} "
+            f"`pixel_values` has {pixel_values.shape[1]} channels but the model expects {config.num_channels} "
             f"(config.num_channels); shape {tuple(pixel_values.shape)}."
         )
-    if cell is not None:
-        height, width = pixel_values.shape[-2:]
-        if height % cell or width % cell:
-            raise ValueError(
-                f"Image height and width must be multiples of the mask cell ({cell} px, the network's total "
-                f"stride), got {height}x{width}. Resize or crop, e.g. to {max(cell, height // cell * cell)}x"
-                f"{max(cell, width // cell * cell)}."
-            )
+    if pixel_values.dtype != dtype and not torch.is_autocast_enabled(pixel_values.device.type):
+        kind = "integer pixels" if not pixel_values.is_floating_point() else str(pixel_values.dtype)
+        raise ValueError(
+            f"`pixel_values` has dtype {pixel_values.dtype} ({kind}) but the model's weights are {dtype}: pass "
+            f"normalised {dtype} images from {PROCESSOR_HINT} (then `.to(model.dtype)`), or run under torch.autocast."
+        )
+    height, width = pixel_values.shape[-2:]
+    cell = config.mask_cell_size
+    if height < cell or width < cell:
+        raise ValueError(
+            f"`pixel_values` are {height}x{width} px, smaller than the network's total stride ({cell} px); resize "
+            f"them to at least {cell}x{cell} ({PROCESSOR_HINT} does, to config.image_size={config.image_size})."
+        )
+    if multiple and (height % cell or width % cell):
+        raise ValueError(
+            f"Image height and width must be multiples of the mask cell ({cell} px, the network's total "
+            f"stride), got {height}x{width}. Resize or crop, e.g. to {max(cell, height // cell * cell)}x"
+            f"{max(cell, width // cell * cell)}."
+        )
+
+
+def capture_requested(output_hidden_states) -> bool:
+    """`output_hidden_states` is a flag, or (transformers 5) an index or a list of indices to keep."""
+    if output_hidden_states is None or isinstance(output_hidden_states, bool):
+        return bool(output_hidden_states)
+    return True
+
+
+def select_hidden_states(hidden_states, output_hidden_states):
+    """Keep the requested hidden states and put `None` elsewhere, as transformers 5 does for a list of indices."""
+    if hidden_states is None or isinstance(output_hidden_states, bool):
+        return hidden_states
+    wanted = [output_hidden_states] if isinstance(output_hidden_states, int) else list(output_hidden_states)
+    count = len(hidden_states)
+    keep = {i % count for i in wanted if -count <= i < count}
+    return tuple(h if i in keep else None for i, h in enumerate(hidden_states))
+
+
+def encode_densely(model, pixel_values, output_hidden_states, kwargs: dict, capture_all: bool = False):
+    """The dense models' shared start: check the inputs, run stem and stages. Returns the last map, the hidden
+    states (all of them when captured) and the resolved `output_hidden_states`."""
+    check_kwargs(model, kwargs, ("pixel_values", "output_hidden_states", "return_dict"))
+    check_pixel_values(pixel_values, model.config, model.embeddings.patch_embeddings.weight.dtype)
+    if output_hidden_states is None:
+        output_hidden_states = model.config.output_hidden_states
+    # Channels-last memory makes every per-block permute a free view and suits the depthwise convolution.
+    embedded = model.embeddings(pixel_values).contiguous(memory_format=torch.channels_last)
+    last, hidden_states = model.encoder(embedded, capture_all or capture_requested(output_hidden_states))
+    return last, hidden_states, output_hidden_states
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+@contextmanager
+def code_in_config(config: ConvNextV2Config, ships_code: bool):
+    """While saving: an FCMAE model's config names its own code (`auto_map`, for `trust_remote_code`); every other
+    folder is a plain transformers checkpoint, without an `auto_map` (also one inherited from an FCMAE start)."""
+    saved = config.__dict__.pop("auto_map", None)
+    if ships_code:
+        config.auto_map = {}
+        config._auto_class = "AutoConfig"
+    try:
+        yield
+    finally:
+        config.__dict__.pop("auto_map", None)
+        config.__dict__.pop("_auto_class", None)
+        if saved is not None:
+            config.auto_map = saved
 
 
 class ConvNextV2PreTrainedModel(PreTrainedModel):
@@ -203,7 +264,14 @@ class ConvNextV2PreTrainedModel(PreTrainedModel):
     base_model_prefix = "convnextv2"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    accepts_loss_kwargs = False
     _no_split_modules = ["ConvNextV2Layer"]
+
+    def __init__(self, config: ConvNextV2Config, *args, **kwargs):
+        if hasattr(config, "check_architecture"):
+            config.check_architecture()
+        super().__init__(config, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -214,9 +282,14 @@ class ConvNextV2PreTrainedModel(PreTrainedModel):
         elif isinstance(module, FCMAEDecoder):
             init.normal_(module.mask_token, std=0.02)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as transformers does; only classes transformers lacks (the FCMAE model) write their code beside it."""
+        with code_in_config(self.config, ships_code=self._auto_class is not None):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+
 
 class ConvNextV2Model(ConvNextV2PreTrainedModel):
-    """ConvNeXt V2 backbone: stem, four stages and (with `add_pooling_layer`) global pooling + LayerNorm."""
+    """ConvNeXt V2 backbone: stem, stages and (with `add_pooling_layer`) global pooling + LayerNorm."""
 
     def __init__(self, config: ConvNextV2Config, add_pooling_layer: bool = True):
         super().__init__(config)
@@ -225,36 +298,29 @@ class ConvNextV2Model(ConvNextV2PreTrainedModel):
         self.layernorm = nn.LayerNorm(config.hidden_sizes[-1], eps=config.layer_norm_eps) if add_pooling_layer else None
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
+        output_hidden_states: bool | int | list[int] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPoolingAndNoAttention:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
                 Normalised images, e.g. from [`ConvNextV2ImageProcessor`].
-            output_hidden_states (`bool`, *optional*):
-                Also return the stem output and every stage's output.
+            output_hidden_states (`bool`, `int` or `list[int]`, *optional*):
+                Also return the stem output and every stage's output (`True`), or only those at the given indices
+                (`None` elsewhere).
             return_dict (`bool`, *optional*):
-                Return a [`~transformers.utils.ModelOutput`] instead of a tuple.
+                Return a [`~transformers.utils.ModelOutput`] (default) instead of a tuple.
         """
-        if pixel_values is None:
-            raise ValueError("You have to specify pixel_values")
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        # Channels-last memory makes every per-block permute a free view and suits the depthwise convolution.
-        embedded = self.embeddings(pixel_values).contiguous(memory_format=torch.channels_last)
-        last_hidden_state, hidden_states = self.encoder(embedded, output_hidden_states)
+        last_hidden_state, hidden_states, output_hidden_states = encode_densely(self, pixel_values, output_hidden_states,
+                                                                                kwargs)
         pooled = self.layernorm(last_hidden_state.mean([-2, -1])) if self.layernorm is not None else None
-        if not return_dict:
-            return tuple(v for v in (last_hidden_state, pooled, hidden_states) if v is not None)
         return BaseModelOutputWithPoolingAndNoAttention(
-            last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=hidden_states
+            last_hidden_state=last_hidden_state, pooler_output=pooled,
+            hidden_states=select_hidden_states(hidden_states, output_hidden_states),
         )
 
 
@@ -272,8 +338,6 @@ class ConvNextV2ForImageClassification(ConvNextV2PreTrainedModel):
     ```
     """
 
-    accepts_loss_kwargs = False
-
     def __init__(self, config: ConvNextV2Config):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -283,31 +347,87 @@ class ConvNextV2ForImageClassification(ConvNextV2PreTrainedModel):
         )
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutputWithNoAttention | tuple:
+        output_hidden_states: bool | int | list[int] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ImageClassifierOutputWithNoAttention:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
                 Normalised images.
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
                 Class indices; with them the output carries the loss (cross-entropy for single-label problems).
+            output_hidden_states (`bool`, `int` or `list[int]`, *optional*):
+                As for [`ConvNextV2Model`].
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        check_kwargs(self, kwargs, ("pixel_values", "labels", "output_hidden_states", "return_dict"))
         outputs = self.convnextv2(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
-        if not return_dict:
-            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + output) if loss is not None else output
         return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+class ConvNextV2Backbone(BackboneMixin, ConvNextV2PreTrainedModel):
+    """Feature pyramid for dense prediction heads (UperNet, DETR, Mask2Former), with transformers' backbone API.
+
+    Same weights and names as transformers' `ConvNextV2Backbone`: it loads the encoder of an FCMAE or classifier
+    checkpoint (`out_features` / `out_indices` pick the stages; each gets its own new LayerNorm).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from convnextv2_hf import ConvNextV2Backbone, ConvNextV2Config
+    >>> backbone = ConvNextV2Backbone(ConvNextV2Config.from_preset("atto", out_features=["stage2", "stage4"]))
+    >>> [tuple(m.shape) for m in backbone(torch.randn(1, 3, 64, 64)).feature_maps]
+    [(1, 80, 8, 8), (1, 320, 2, 2)]
+    ```
+    """
+
+    has_attentions = False
+
+    def __init__(self, config: ConvNextV2Config):
+        super().__init__(config)
+        self.embeddings = ConvNextV2Embeddings(config)
+        self.encoder = ConvNextV2Encoder(config)
+        self.num_features = [config.hidden_sizes[0]] + list(config.hidden_sizes)
+        self.hidden_states_norms = nn.ModuleDict({
+            stage: ConvNextV2LayerNorm(channels, data_format="channels_first")
+            for stage, channels in zip(self.out_features, self.channels)
+        })
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BackboneOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Normalised images.
+            output_hidden_states (`bool`, `int` or `list[int]`, *optional*):
+                Also return the stem output and every stage's output (before the feature-map norms).
+        """
+        _, hidden_states, output_hidden_states = encode_densely(self, pixel_values, output_hidden_states, kwargs,
+                                                                capture_all=True)
+        feature_maps = tuple(
+            self.hidden_states_norms[stage](state)
+            for stage, state in zip(self.stage_names, hidden_states) if stage in self.out_features
+        )
+        kept = select_hidden_states(hidden_states, output_hidden_states) if capture_requested(output_hidden_states) else None
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=kept)
+
+
+# --------------------------------------------------------------------------------------------- FCMAE
 
 
 @dataclass
@@ -322,8 +442,9 @@ class ConvNextV2MaskedImageModelingOutput(ModelOutput):
             One prediction per mask cell, pixels ordered (row-in-patch, column-in-patch, channel).
         reconstruction (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
             `logits` folded back to image space (in per-patch normalised units when `norm_pix_loss` is set).
-        mask (`torch.BoolTensor` of shape `(batch_size, num_cells)`):
-            The mask used, `True` = masked.
+        mask (`torch.FloatTensor` of shape `(batch_size, num_cells)`):
+            The mask used, 1.0 = masked, 0.0 = visible (a float tensor, as transformers' masked autoencoders return;
+            `mask.bool()` gives the boolean form).
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             Stem output and every stage's output of the sparse encoder, zero at masked positions.
         partner_logits, partner_reconstruction (*optional*, `mask_strategy="mixmae"` only):
@@ -336,7 +457,7 @@ class ConvNextV2MaskedImageModelingOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     reconstruction: torch.FloatTensor | None = None
-    mask: torch.BoolTensor | None = None
+    mask: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     partner_logits: torch.FloatTensor | None = None
     partner_reconstruction: torch.FloatTensor | None = None
@@ -363,11 +484,36 @@ class FCMAEDecoder(nn.Module):
         return self.pred(x)
 
 
+def cells_from_patches(mask: torch.Tensor, grid: tuple[int, int], cell: int, image_size: tuple[int, int]) -> torch.Tensor:
+    """A mask given per `p`-px patch (`p` dividing the mask cell, e.g. SimMIM's / run_mim.py's `patch_size`) ->
+    the (N, h, w) cell mask; it must be constant within every cell."""
+    n = mask.shape[0]
+    height, width = image_size
+    entries = mask[0].numel()
+    patch = next((p for p in range(1, cell + 1) if cell % p == 0 and (height // p) * (width // p) == entries), None)
+    if patch is None or (mask.dim() == 3 and mask.shape[1:] != (height // patch, width // patch)):
+        raise ValueError(
+            f"`bool_masked_pos` must have shape ({n}, {grid[0] * grid[1]}) or ({n}, {grid[0]}, {grid[1]}) for images "
+            f"of {tuple(image_size)} px (mask cell {cell} px), or be given per patch of a size dividing {cell} px; "
+            f"got {tuple(mask.shape)}."
+        )
+    per = cell // patch
+    blocks = mask.reshape(n, grid[0], per, grid[1], per)
+    if patch < cell and not torch.compiler.is_exporting() and (blocks.amax((2, 4)) != blocks.amin((2, 4))).any():
+        raise ValueError(
+            f"`bool_masked_pos` is given per {patch}-px patch but is not constant within each {cell}-px mask cell; "
+            f"FCMAE masks whole cells. Draw it per cell (e.g. SimMIM's MaskGenerator with mask_patch_size={cell} "
+            f"and model_patch_size={patch})."
+        )
+    return blocks[:, :, 0, :, 0]
+
+
 class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
     """ConvNeXt V2 with FCMAE masked image modeling: a sparse encoder, a light decoder and a masked pixel loss.
 
     The encoder weights live under the same names as [`ConvNextV2Model`]'s, so a pre-trained checkpoint loads into
-    [`ConvNextV2ForImageClassification`] (only the final LayerNorm and classifier are new).
+    [`ConvNextV2ForImageClassification`] (only the final LayerNorm and classifier are new) and
+    [`ConvNextV2Backbone`].
 
     Example:
 
@@ -395,13 +541,8 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
         cell = self.mask_cell_size
         return pixel_values.shape[-2] // cell, pixel_values.shape[-1] // cell
 
-    def _resolve_mask(
-        self,
-        pixel_values: torch.Tensor,
-        bool_masked_pos: torch.Tensor | None,
-        noise: torch.Tensor | None,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
+    def resolve_mask(self, pixel_values, bool_masked_pos=None, noise=None, generator=None) -> torch.Tensor:
+        """The (N, h, w) bool cell mask: the given one (per cell or per smaller patch), or one drawn at mask_ratio."""
         n = pixel_values.shape[0]
         h, w = self.grid_size(pixel_values)
         if bool_masked_pos is None:
@@ -414,127 +555,115 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
         if bool_masked_pos.dtype.is_floating_point or bool_masked_pos.is_complex():
             raise ValueError(f"`bool_masked_pos` must be a bool (or 0/1 integer) tensor, got {bool_masked_pos.dtype}.")
         if bool_masked_pos.dtype != torch.bool:
-            if ((bool_masked_pos != 0) & (bool_masked_pos != 1)).any():
+            if not torch.compiler.is_exporting() and ((bool_masked_pos != 0) & (bool_masked_pos != 1)).any():
                 raise ValueError("`bool_masked_pos` must only contain 0 (visible) and 1 (masked).")
             bool_masked_pos = bool_masked_pos.bool()
-        if bool_masked_pos.shape not in ((n, h * w), (n, h, w)):
-            raise ValueError(
-                f"`bool_masked_pos` must have shape ({n}, {h * w}) or ({n}, {h}, {w}) for images of "
-                f"{tuple(pixel_values.shape[-2:])} px (mask cell {self.mask_cell_size} px), got {tuple(bool_masked_pos.shape)}."
-            )
+        if bool_masked_pos.dim() not in (2, 3) or bool_masked_pos.shape[0] != n:
+            raise ValueError(f"`bool_masked_pos` must have shape ({n}, {h * w}) or ({n}, {h}, {w}), got "
+                             f"{tuple(bool_masked_pos.shape)}.")
+        if bool_masked_pos.shape[1:] not in ((h * w,), (h, w)):
+            bool_masked_pos = cells_from_patches(bool_masked_pos, (h, w), self.mask_cell_size,
+                                                 tuple(pixel_values.shape[-2:]))
         return bool_masked_pos.to(pixel_values.device).reshape(n, h, w)
 
+    def check_mask(self, mask: torch.Tensor) -> None:
+        if torch.compiler.is_exporting():  # value checks cannot be traced; eager runs raise the same errors
+            return
+        flat = mask.flatten(1)
+        if (~flat).sum(1).eq(0).any():
+            raise ValueError(
+                f"Every image needs at least one visible mask cell; got a mask of {flat.shape[1]} cells with none "
+                "visible (images too small for the mask cell, or a fully masked `bool_masked_pos`)."
+            )
+        if not flat.any():
+            raise ValueError("The mask hides no cell, but the FCMAE loss is only defined on masked cells.")
+
+    def mask_sources(self, pixel_values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images the sparse encoder sees with their masks: the input, or (MixMAE) the input and its partner,
+        each source's cells encoded as their own sparse set so the sources do not mix in the 7x7 convolutions."""
+        if self.config.mask_strategy != "mixmae":
+            return pixel_values, mask
+        if pixel_values.shape[0] < 2:
+            raise ValueError("mask_strategy='mixmae' mixes each image with the batch-flipped one: use a batch of 2 or more.")
+        return torch.cat([pixel_values, pixel_values.flip(0)]), torch.cat([mask, ~mask])
+
+    def forward_encoder(self, sources: torch.Tensor, masks: torch.Tensor, output_hidden_states: bool = False):
+        """Sparse encoding of the visible cells: the last stage's map (zero at masked cells) and the hidden states."""
+        backend = get_sparse_backend(self.config.sparse_backend)
+        return backend.encode(self.convnextv2, sources, masks, grn_scope=self.config.sparse_grn_scope,
+                              output_hidden_states=output_hidden_states)
+
+    def forward_decoder(self, encoded: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """One pixel prediction per cell, `(N, num_cells, cell * cell * num_channels)`."""
+        return self.decoder(encoded, masks).flatten(2).transpose(1, 2)
+
+    def forward_loss(self, sources: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Mean squared error per cell against the (optionally per-patch normalised) pixels, over masked cells."""
+        target = patchify(sources, self.mask_cell_size)
+        if self.config.norm_pix_loss:
+            target = normalize_patches(target)
+        per_cell = F.mse_loss(logits.float(), target.float(), reduction="none").mean(dim=-1)
+        weights = masks.flatten(1).to(per_cell.dtype)
+        return (per_cell * weights).sum() / weights.sum().clamp_min(1.0)
+
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         bool_masked_pos: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
         generator: torch.Generator | None = None,
-        **kwargs,
-    ) -> ConvNextV2MaskedImageModelingOutput | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ConvNextV2MaskedImageModelingOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
                 Normalised images; height and width must be multiples of `config.mask_cell_size`.
             bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_cells)` or `(batch_size, h, w)`, *optional*):
-                `True` where a cell is masked. When omitted a mask is drawn with `config.mask_ratio`.
+                `True` where a cell is masked. A mask per smaller patch (e.g. SimMIM's, per `config.patch_size`) is
+                accepted when it is constant within each cell. When omitted a mask is drawn with `config.mask_ratio`.
             noise (`torch.FloatTensor` of shape `(batch_size, num_cells)`, *optional*):
                 Makes the drawn mask reproducible: the cells with the lowest noise stay visible.
+            output_hidden_states (`bool`, `int` or `list[int]`, *optional*):
+                Also return the sparse encoder's stem and stage outputs (all, or those at the given indices).
             generator (`torch.Generator`, *optional*):
                 Random generator for drawing the mask (on the CPU) when neither a mask nor noise is given.
         """
-        if pixel_values is None:
-            raise ValueError("You have to specify pixel_values")
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        cell = self.mask_cell_size
-        check_pixel_values(pixel_values, self.config.num_channels, cell)
-        mask = self._resolve_mask(pixel_values, bool_masked_pos, noise, generator)
-        flat_mask = mask.flatten(1)
-        if (~flat_mask).sum(1).eq(0).any():
-            raise ValueError(
-                f"Every image needs at least one visible mask cell; got a mask of {flat_mask.shape[1]} cells with none "
-                "visible (images too small for the mask cell, or a fully masked `bool_masked_pos`)."
-            )
-        if not flat_mask.any():
-            raise ValueError("The mask hides no cell, but the FCMAE loss is only defined on masked cells.")
+        check_kwargs(self, kwargs, ("pixel_values", "bool_masked_pos", "noise", "output_hidden_states", "generator"))
+        check_pixel_values(pixel_values, self.config, self.convnextv2.embeddings.patch_embeddings.weight.dtype, True)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        mask = self.resolve_mask(pixel_values, bool_masked_pos, noise, generator)
+        self.check_mask(mask)
+        sources, masks = self.mask_sources(pixel_values, mask)
+        encoded, hidden_states = self.forward_encoder(sources, masks, capture_requested(output_hidden_states))
+        logits = self.forward_decoder(encoded, masks)
+        loss = self.forward_loss(sources, logits, masks)
+        return self.build_output(pixel_values, mask, loss, logits, hidden_states, output_hidden_states)
 
-        mixmae = self.config.mask_strategy == "mixmae"
-        sources, masks = pixel_values, mask
-        if mixmae:
-            if pixel_values.shape[0] < 2:
-                raise ValueError("mask_strategy='mixmae' mixes each image with the batch-flipped one: use a batch of 2 or more.")
-            # Source 1 shows its visible cells, source 2 (the partner) fills the masked ones. Encoding each source's
-            # cells as its own sparse set keeps the sources from mixing in the 7x7 convolutions.
-            sources, masks = torch.cat([pixel_values, pixel_values.flip(0)]), torch.cat([mask, ~mask])
-
-        backend = get_sparse_backend(self.config.sparse_backend)
-        encoded, hidden_states = backend.encode(
-            self.convnextv2, sources, masks, grn_scope=self.config.sparse_grn_scope,
-            output_hidden_states=output_hidden_states,
-        )
-        logits = self.decoder(encoded, masks).flatten(2).transpose(1, 2)
-
-        target = patchify(sources, cell)
-        if self.config.norm_pix_loss:
-            target = normalize_patches(target)
-        per_cell = F.mse_loss(logits.float(), target.float(), reduction="none").mean(dim=-1)
-        weights = masks.flatten(1).to(per_cell.dtype)
-        loss = (per_cell * weights).sum() / weights.sum().clamp_min(1.0)
-        reconstruction = unpatchify(logits, cell, mask.shape[-2:], self.config.num_channels)
-
+    def build_output(self, pixel_values, mask, loss, logits, hidden_states, output_hidden_states):
+        """Predictions folded back to images; with MixMAE the partner's predictions and the mixed input beside."""
+        n = pixel_values.shape[0]
+        reconstruction = unpatchify(logits, self.mask_cell_size, mask.shape[-2:], self.config.num_channels)
         extra = {}
-        if mixmae:
-            n = pixel_values.shape[0]
+        if self.config.mask_strategy == "mixmae":
             full_mask = upsample_mask(mask, tuple(pixel_values.shape[-2:])).to(pixel_values.dtype)
-            extra = dict(
-                partner_logits=logits[n:], partner_reconstruction=reconstruction[n:],
-                mixed_pixel_values=pixel_values * (1 - full_mask) + pixel_values.flip(0) * full_mask,
-            )
-            logits, reconstruction = logits[:n], reconstruction[:n]
-            if hidden_states is not None:
-                hidden_states = tuple(h[:n] for h in hidden_states)
-        if not return_dict:
-            output = (logits, reconstruction, flat_mask) + ((hidden_states,) if hidden_states is not None else ())
-            return (loss,) + output
+            extra = dict(partner_logits=logits[n:], partner_reconstruction=reconstruction[n:],
+                         mixed_pixel_values=pixel_values * (1 - full_mask) + pixel_values.flip(0) * full_mask)
+        if hidden_states is not None:
+            hidden_states = select_hidden_states(tuple(h[:n] for h in hidden_states), output_hidden_states)
         return ConvNextV2MaskedImageModelingOutput(
-            loss=loss, logits=logits, reconstruction=reconstruction, mask=flat_mask, hidden_states=hidden_states, **extra
+            loss=loss, logits=logits[:n], reconstruction=reconstruction[:n], mask=mask.flatten(1).to(logits.dtype),
+            hidden_states=hidden_states, **extra,
         )
-
-
-def optimize_for_inference(model: ConvNextV2PreTrainedModel, compile: bool = False, **compile_kwargs):
-    """Prepare a model for fast inference: eval mode, channels-last weights, and (opt-in) `torch.compile`.
-
-    Outputs are unchanged up to float rounding. Compilation takes a while on the first call and needs a C++
-    compiler on CPU.
-
-    Example:
-
-    ```python
-    >>> import torch
-    >>> from convnextv2_hf import ConvNextV2Config, ConvNextV2ForImageClassification
-    >>> from convnextv2_hf.modeling_convnextv2 import optimize_for_inference
-    >>> model = optimize_for_inference(ConvNextV2ForImageClassification(ConvNextV2Config.from_preset("atto")))
-    >>> with torch.inference_mode():
-    ...     logits = model(torch.randn(1, 3, 224, 224)).logits
-    ```
-    """
-    model.eval()
-    model.to(memory_format=torch.channels_last)
-    if compile:
-        model.forward = torch.compile(model.forward, **compile_kwargs)
-    return model
 
 
 __all__ = [
-    "optimize_for_inference",
     "ConvNextV2PreTrainedModel",
     "ConvNextV2Model",
     "ConvNextV2ForImageClassification",
+    "ConvNextV2Backbone",
     "ConvNextV2ForMaskedImageModeling",
     "ConvNextV2MaskedImageModelingOutput",
 ]

@@ -1,73 +1,8 @@
-"""Training-time image transforms on PIL images, without torchvision.
+"""Deprecated location, kept for one release: use `convnextv2_hf.training.augmentation`."""
 
-Randomness comes from an explicit `torch.Generator`, so a pipeline can seed every sample from (seed, epoch, index):
-augmentations then do not depend on the order in which processes or resumed runs visit the data.
-"""
+import warnings
 
-from __future__ import annotations
+from .training.augmentation import *  # noqa: F401,F403
 
-import math
-
-import numpy as np
-import PIL.Image
-import torch
-
-from .image_processing_convnextv2 import to_rgb
-
-
-def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """A generator seeded from (seed, epoch, sample index)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 10_007 + index) % (2**63 - 1))
-
-
-def random_resized_crop_box(
-    width: int, height: int, generator: torch.Generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)
-) -> tuple[int, int, int, int]:
-    """(left, top, crop_width, crop_height) as torchvision's RandomResizedCrop samples it: 10 tries, then center."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(1, generator=generator).item())
-        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * torch.rand(1, generator=generator).item())
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
-            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
-            return left, top, w, h
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        w, h = int(round(height * ratio[1])), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-class PretrainTransform:
-    """FCMAE augmentation: RandomResizedCrop(size, scale) + horizontal flip, then normalisation to a tensor."""
-
-    def __init__(self, size: int, mean, std, scale=(0.2, 1.0), hflip: bool = True):
-        self.size, self.scale, self.hflip = size, tuple(scale), hflip
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-
-    def __call__(self, image: PIL.Image.Image, generator: torch.Generator) -> torch.Tensor:
-        image = to_rgb(image)
-        left, top, w, h = random_resized_crop_box(image.width, image.height, generator, self.scale)
-        image = image.resize((self.size, self.size), PIL.Image.BICUBIC, box=(left, top, left + w, top + h))
-        if self.hflip and torch.rand(1, generator=generator).item() < 0.5:
-            image = image.transpose(PIL.Image.FLIP_LEFT_RIGHT)
-        return self.normalize(image)
-
-    def normalize(self, image: PIL.Image.Image) -> torch.Tensor:
-        array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-        return (array - self.mean) / self.std
-
-
-def denormalize(pixel_values: torch.Tensor, mean, std) -> torch.Tensor:
-    """Undo the normalisation of `(N, 3, H, W)` images and clamp to [0, 1], for display."""
-    mean = torch.tensor(mean, dtype=pixel_values.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(std, dtype=pixel_values.dtype).view(1, 3, 1, 1)
-    return (pixel_values * std + mean).clamp(0, 1)
+warnings.warn("convnextv2_hf.transforms moved to convnextv2_hf.training.augmentation; this path goes away in the next release.",
+              DeprecationWarning, stacklevel=2)

@@ -1,0 +1,206 @@
+"""Command-line arguments of the pre-training and fine-tuning entry points, as `HfArgumentParser` dataclasses.
+
+`ModelArguments` and `DataArguments` are shared; `PretrainingArguments` holds the FCMAE recipe and loop settings
+(defaults: the reference repository's `main_pretrain.py`), `FinetuningArguments` the recipe that fine-tuning adds to
+transformers' `TrainingArguments` (defaults: the reference's `main_finetune.py`). Values are checked when built, so a
+zero or negative count or rate is an error naming the flag rather than a silent fallback.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..configuration_convnextv2 import CONVNEXTV2_PRESETS, ConvNextV2Config
+
+
+def require(condition: bool, flag: str, value, expectation: str) -> None:
+    if not condition:
+        raise ValueError(f"--{flag} {value!r} is invalid: it must be {expectation}.")
+
+
+def check_positive(args, *names: str, allow_none: bool = True, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is None and allow_none:
+            continue
+        valid = isinstance(value, (int, float)) and (value >= 0 if allow_zero else value > 0)
+        require(valid, name, value, "zero or more" if allow_zero else "greater than zero")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to start from, and its size."""
+
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "FCMAE checkpoint, ConvNeXt V2 classifier checkpoint (ours or transformers'), or none for --model_preset"})
+    model_preset: str = field(default="atto", metadata={"help": "size of a new model: " + ", ".join(CONVNEXTV2_PRESETS)})
+    config_overrides: str | None = field(default=None, metadata={
+        "help": 'config fields for a new model, e.g. "patch_size=2,use_grn=false,depths=[1,1,3,1]"'})
+    image_processor_name: str | None = field(default=None, metadata={"help": "processor folder, if not the model's"})
+    image_size: int = field(default=224, metadata={"help": "training and evaluation resolution (px)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "where Hub models and datasets are cached"})
+
+    def __post_init__(self):
+        require(self.model_preset in CONVNEXTV2_PRESETS, "model_preset", self.model_preset,
+                f"one of {', '.join(CONVNEXTV2_PRESETS)}")
+        check_positive(self, "image_size", allow_none=False)
+        parse_config_overrides(self.config_overrides)  # fail before any work
+
+
+@dataclass
+class DataArguments:
+    """Where the images come from (a Hub dataset or local folders) and how unusual files are treated."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset (needs network or the local cache)"})
+    dataset_config_name: str | None = None
+    train_dir: str | None = field(default=None, metadata={"help": "folder of images (class sub-folders for labels)"})
+    validation_dir: str | None = field(default=None, metadata={"help": "held-out images, same layout as --train_dir"})
+    image_column_name: str | None = field(default=None, metadata={"help": "default: the first of image, img, ..."})
+    max_train_samples: int | None = None
+    skip_corrupt_images: bool = field(default=False, metadata={"help": "skip (and count) unreadable images"})
+    ignore_metadata: bool = field(default=False, metadata={
+        "help": "read image folders that hold a metadata.csv/.jsonl as plain folders (that file is ignored)"})
+    max_image_pixels: int = field(default=178_956_970, metadata={
+        "help": "decompression guard: refuse images with more pixels than this (PIL's own limit by default)"})
+
+    def __post_init__(self):
+        check_positive(self, "max_train_samples", "max_image_pixels")
+
+
+@dataclass
+class PretrainingArguments:
+    """FCMAE recipe and loop; defaults are those of the reference's `main_pretrain.py` (see the README)."""
+
+    output_dir: str = field(default=None, metadata={"help": "where the model, checkpoints and reports go (required)"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "start over in an output folder with a run"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": 'a checkpoint folder, or "latest"'})
+    mask_ratio: float | None = field(default=None, metadata={"help": "default: the model's config (0.6)"})
+    norm_pix_loss: bool = field(default=False, metadata={"help": "per-patch normalised targets"})
+    sparse_backend: Literal["dense", "gather", "minkowski"] | None = None
+    sparse_grn_scope: Literal["batch", "sample"] | None = None
+    mask_strategy: Literal["fcmae", "mixmae"] | None = None
+    crop_min_scale: float = field(default=0.2, metadata={"help": "RandomResizedCrop lower scale"})
+    streaming: bool = field(default=False, metadata={"help": "stream the dataset (needs --max_train_steps)"})
+    seed: int = 42
+    per_device_train_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    base_learning_rate: float = field(default=1.5e-4, metadata={"help": "lr = base x total batch / 256"})
+    learning_rate: float | None = field(default=None, metadata={"help": "absolute lr (instead of the scaling)"})
+    weight_decay: float = 0.05
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    num_train_epochs: float = 800
+    max_train_steps: int | None = field(default=None, metadata={"help": "overrides --num_train_epochs"})
+    lr_scheduler_type: str = "cosine"
+    warmup_epochs: float = 40
+    num_warmup_steps: int | None = field(default=None, metadata={"help": "overrides --warmup_epochs"})
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward (less memory)"})
+    checkpointing_steps: str | None = field(default=None, metadata={"help": 'an integer (every N steps) or "epoch"'})
+    checkpoints_total_limit: int | None = field(default=None, metadata={
+        "help": "keep this many newest checkpoints; older ones are deleted once a new one is complete"})
+    with_tracking: bool = field(default=False, metadata={"help": "log to --report_to"})
+    report_to: str = "tensorboard"
+    logging_steps: int = 10
+    dataloader_num_workers: int = 0
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_token: str | None = None
+
+    def __post_init__(self):
+        require(bool(self.output_dir), "output_dir", self.output_dir, "given")
+        check_positive(self, "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+                       "max_train_steps", "logging_steps", "checkpoints_total_limit", "base_learning_rate",
+                       "learning_rate")
+        check_positive(self, "weight_decay", "warmup_epochs", "num_warmup_steps", "dataloader_num_workers",
+                       allow_zero=True)
+        require(self.mask_ratio is None or 0 < self.mask_ratio < 1, "mask_ratio", self.mask_ratio, "between 0 and 1")
+        require(0 < self.crop_min_scale <= 1, "crop_min_scale", self.crop_min_scale, "in (0, 1]")
+        for beta in ("adam_beta1", "adam_beta2"):
+            require(0 <= getattr(self, beta) < 1, beta, getattr(self, beta), "in [0, 1)")
+        every = self.checkpointing_steps
+        require(every is None or every == "epoch" or (every.isdigit() and int(every) > 0), "checkpointing_steps",
+                every, 'a positive integer or "epoch"')
+        require(not self.streaming or self.max_train_steps is not None, "streaming", True,
+                "combined with --max_train_steps (a stream has no length to count epochs by)")
+
+
+@dataclass
+class FinetuningArguments:
+    """What fine-tuning adds to transformers' `TrainingArguments`: the reference fine-tuning recipe."""
+
+    train_val_split: float = field(default=0.15, metadata={"help": "held-out fraction when there is no validation set"})
+    label_column_name: str | None = None
+    max_eval_samples: int | None = None
+    crop_min_scale: float = field(default=0.08, metadata={"help": "RandomResizedCrop lower scale for training"})
+    drop_path_rate: float = 0.1
+    head_init_scale: float = field(default=0.001, metadata={"help": "a new head is initialised at std 0.02 x this"})
+    layer_decay: float | None = field(default=None, metadata={"help": "layer-wise lr decay factor, e.g. 0.9"})
+    layer_decay_type: Literal["single", "group"] = field(default="single", metadata={"help": "as in the reference"})
+    ignore_mismatched_sizes: bool = field(default=False, metadata={"help": "allow a checkpoint head of another size"})
+    model_ema: bool = field(default=False, metadata={"help": "keep an exponential moving average of the weights"})
+    model_ema_decay: float = 0.9999
+    mixup: float = field(default=0.0, metadata={"help": "mixup alpha (0 = off); reference 0.8"})
+    cutmix: float = field(default=0.0, metadata={"help": "cutmix alpha (0 = off); reference 1.0"})
+    mixup_switch_prob: float = 0.5
+
+    def __post_init__(self):
+        require(0 < self.train_val_split < 1, "train_val_split", self.train_val_split, "between 0 and 1")
+        require(0 < self.crop_min_scale <= 1, "crop_min_scale", self.crop_min_scale, "in (0, 1]")
+        require(0 <= self.drop_path_rate < 1, "drop_path_rate", self.drop_path_rate, "in [0, 1)")
+        require(self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay", self.layer_decay, "in (0, 1]")
+        require(0 < self.model_ema_decay < 1, "model_ema_decay", self.model_ema_decay, "between 0 and 1")
+        require(0 <= self.mixup_switch_prob <= 1, "mixup_switch_prob", self.mixup_switch_prob, "in [0, 1]")
+        check_positive(self, "max_eval_samples", "head_init_scale")
+        check_positive(self, "mixup", "cutmix", allow_zero=True)
+
+
+# --------------------------------------------------------------------------------------------- config overrides
+
+
+def split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside brackets."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += (char in "[({") - (char in "])}")
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [part.strip() for part in parts + [current] if part.strip()]
+
+
+def parse_literal(text: str):
+    """JSON or Python literals (`[1,2]`, `0.5`, `true`, `False`, `null`); anything else stays a string."""
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def config_field_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(ConvNextV2Config)} | set(ConvNextV2Config.attribute_map)
+
+
+def parse_config_overrides(text: str | None) -> dict:
+    """`key=value,...` with typed values (`use_grn=false` is the boolean False); unknown keys are errors."""
+    overrides, known = {}, config_field_names()
+    for part in split_top_level(text or ""):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--config_overrides entry {part!r} is not key=value.")
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "; see ConvNextV2Config for the fields."
+            raise ValueError(f"--config_overrides: {key!r} is not a ConvNextV2Config field{hint}")
+        overrides[key] = parse_literal(value.strip())
+    return overrides

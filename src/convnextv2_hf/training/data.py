@@ -1,0 +1,229 @@
+"""Image datasets for the entry points: Hub or local folders, one image decoder, clear errors before training.
+
+Local folders are scanned first (images counted, other files ignored and counted, a stray `metadata.csv` named,
+the class layout checked) and then read by `datasets`' `imagefolder` builder from the explicit list of image files.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import PIL.ImageOps
+from datasets import Dataset, DatasetDict, Image, IterableDataset, IterableDatasetDict, load_dataset
+from datasets.packaged_modules.folder_based_builder.folder_based_builder import FolderBasedBuilder
+from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
+from huggingface_hub import is_offline_mode
+
+from ..image_processing_convnextv2 import to_rgb
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "picture")
+LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class")
+METADATA_FILENAMES = tuple(FolderBasedBuilder.METADATA_FILENAMES)
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded (or is refused by the decompression guard); the message names it."""
+
+
+# --------------------------------------------------------------------------------------------- local folders
+
+
+@dataclass
+class FolderScan:
+    """What a local image folder holds: image files, class names (first-level folders), ignored files."""
+
+    root: Path
+    images: list[Path] = field(default_factory=list)
+    ignored: list[Path] = field(default_factory=list)
+    metadata: list[Path] = field(default_factory=list)
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted({p.relative_to(self.root).parts[0] for p in self.images if len(p.relative_to(self.root).parts) > 1})
+
+
+def scan_folder(root: str | os.PathLike, flag: str, ignore_metadata: bool = False) -> FolderScan:
+    """List the images under `root` (any depth, hidden files skipped); fail clearly on an empty folder or a metadata
+    file the user did not ask for (it would make `imagefolder` read only the files it lists)."""
+    scan = FolderScan(Path(root))
+    if not scan.root.is_dir():
+        raise FileNotFoundError(f"{flag} {str(root)!r} is not a directory.")
+    for path in sorted(p for p in scan.root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts)):
+        if path.name in METADATA_FILENAMES:
+            scan.metadata.append(path)
+        elif path.suffix.lower() in IMAGE_EXTENSIONS:
+            scan.images.append(path)
+        else:
+            scan.ignored.append(path)
+    if scan.metadata and not ignore_metadata:
+        raise ValueError(f"{flag} holds {scan.metadata[0]}, which would restrict the data set to the files it lists; "
+                         "remove it, or pass --ignore_metadata to read the folder as plain images.")
+    if not scan.images:
+        others = f" ({len(scan.ignored)} other files, e.g. {scan.ignored[0].name})" if scan.ignored else ""
+        raise ValueError(f"{flag} {str(root)!r} holds no image files{others}; supported: .png, .jpg, .jpeg, .webp, ...")
+    if scan.ignored:
+        logger.warning("%s: ignoring %d non-image file(s), e.g. %s", flag, len(scan.ignored), scan.ignored[0])
+    return scan
+
+
+def check_class_layout(scan: FolderScan, flag: str) -> list[str]:
+    """Labelled folders hold one sub-folder per class with the images directly inside; returns the class names."""
+    depths = {len(p.relative_to(scan.root).parts) for p in scan.images}
+    if 1 in depths:
+        loose = next(p for p in scan.images if len(p.relative_to(scan.root).parts) == 1)
+        raise ValueError(f"{flag} has images directly inside it (e.g. {loose.name}); labels come from class "
+                         "sub-folders: move every image into <folder>/<class name>/.")
+    if depths != {2}:
+        deep = next(p for p in scan.images if len(p.relative_to(scan.root).parts) > 2)
+        raise ValueError(f"{flag} has images nested below the class folders (e.g. {deep.relative_to(scan.root)}); "
+                         "put each image directly inside its class folder.")
+    if len(scan.classes) < 2:
+        raise ValueError(f"{flag} has only one class folder ({scan.classes}); classification needs at least two.")
+    return scan.classes
+
+
+def check_class_folders(train: FolderScan, validation: FolderScan) -> None:
+    """Train and validation folders must have the same classes (else labels would not line up)."""
+    if train.classes != validation.classes:
+        raise ValueError(
+            f"Class mismatch: --train_dir has {len(train.classes)} class folders {train.classes[:10]}, "
+            f"--validation_dir has {len(validation.classes)} {validation.classes[:10]}; only in one of them: "
+            f"{sorted(set(train.classes) ^ set(validation.classes))[:10]}."
+        )
+
+
+def load_image_dataset(args, labelled: bool = False, streaming: bool = False, token: str | None = None):
+    """The dataset named by `args` (a [`DataArguments`]): a Hub dataset, or local folders checked as above.
+
+    Returns `(dataset, ignored)`: the `DatasetDict` and the number of non-image files skipped in local folders.
+    """
+    if args.dataset_name is None and args.train_dir is None:
+        raise ValueError("Pass --dataset_name (a Hub dataset) or --train_dir (a folder of images).")
+    if args.dataset_name is not None:
+        return load_hub_dataset(args, streaming, token), 0
+    scans = {"train": scan_folder(args.train_dir, "--train_dir", args.ignore_metadata)}
+    if args.validation_dir is not None:
+        scans["validation"] = scan_folder(args.validation_dir, "--validation_dir", args.ignore_metadata)
+    if labelled:
+        for split, scan in scans.items():
+            check_class_layout(scan, f"--{split}_dir")
+        if "validation" in scans:
+            check_class_folders(scans["train"], scans["validation"])
+    data_files = {split: [str(p) for p in scan.images] for split, scan in scans.items()}
+    dataset = load_dataset("imagefolder", data_files=data_files, streaming=streaming, drop_metadata=True,
+                           drop_labels=not labelled, cache_dir=getattr(args, "cache_dir", None))
+    return dataset, sum(len(scan.ignored) for scan in scans.values())
+
+
+def load_hub_dataset(args, streaming: bool, token: str | None) -> DatasetDict | IterableDatasetDict:
+    try:
+        return load_dataset(args.dataset_name, args.dataset_config_name, streaming=streaming,
+                            cache_dir=getattr(args, "cache_dir", None), token=token)
+    except Exception as error:
+        hint = (" HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set and the dataset is not in the local cache."
+                if is_offline_mode() or os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+                else " Check the name and your network connection.")
+        raise RuntimeError(
+            f"Could not load the dataset {args.dataset_name!r} ({type(error).__name__}: {error}).{hint} To use local "
+            "images instead, pass --train_dir (and optionally --validation_dir)."
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------- columns
+
+
+def find_column(dataset: Dataset | IterableDataset, wanted: str | None, candidates: tuple[str, ...], what: str) -> str:
+    """The column to use: `wanted` if given (and present), else the first known candidate; a clear error otherwise."""
+    columns = list(dataset.column_names or dataset.features or [])
+    if wanted is not None:
+        if wanted not in columns:
+            raise ValueError(f"--{what}_column_name {wanted!r} not found; the dataset has columns {columns}.")
+        return wanted
+    for name in candidates:
+        if name in columns:
+            return name
+    raise ValueError(f"No {what} column found among {columns}; pass --{what}_column_name.")
+
+
+def label_names(dataset, column: str) -> list[str]:
+    feature = dataset.features[column]
+    if hasattr(feature, "names"):
+        return list(feature.names)
+    return [str(v) for v in sorted(set(dataset[column]))]
+
+
+def undecoded(dataset: Dataset | IterableDataset, image_column: str):
+    """Keep images as raw bytes/paths so that decoding errors can be caught and attributed to a file."""
+    feature = dataset.features[image_column] if dataset.features else None
+    if isinstance(feature, Image) and feature.decode:
+        return dataset.cast_column(image_column, Image(decode=False))
+    return dataset
+
+
+# --------------------------------------------------------------------------------------------- decoding
+
+
+def decode_image(record: Any, max_pixels: int = 178_956_970) -> PIL.Image.Image:
+    """Decode one image cell (a PIL image, or `{'path', 'bytes'}`) to RGB, turned upright by its EXIF orientation
+    as transformers' `load_image` (and so its pipeline) does. Unreadable or oversized files name their path."""
+    if isinstance(record, PIL.Image.Image):
+        return to_rgb(PIL.ImageOps.exif_transpose(record))
+    path = record.get("path") if isinstance(record, dict) else None
+    try:
+        if isinstance(record, dict) and record.get("bytes") is not None:
+            image = PIL.Image.open(io.BytesIO(record["bytes"]))
+        elif path is not None:
+            image = PIL.Image.open(path)
+        else:
+            raise ValueError(f"unsupported image cell of type {type(record).__name__}")
+        if image.width * image.height > max_pixels:
+            raise UnreadableImageError(
+                f"Image {path or '<in-memory bytes>'} is {image.width}x{image.height} px, more than the decompression "
+                f"guard allows ({max_pixels} px); shrink it, or raise --max_image_pixels if it is genuine.")
+        image.load()
+        return to_rgb(PIL.ImageOps.exif_transpose(image))
+    except UnreadableImageError:
+        raise
+    except Exception as error:
+        raise UnreadableImageError(
+            f"Cannot read image {path or '<in-memory bytes>'}: {error}. Remove the file or pass --skip_corrupt_images."
+        ) from None
+
+
+def drop_unreadable(dataset: Dataset | IterableDataset, image_column: str, max_pixels: int = 178_956_970):
+    """Filter out undecodable images, naming each in a warning; returns (dataset, number dropped, or None when
+    streaming)."""
+    def readable(row) -> bool:
+        try:
+            decode_image(row[image_column], max_pixels)
+        except UnreadableImageError as error:
+            logger.warning("Skipping: %s", error)
+            return False
+        return True
+
+    if isinstance(dataset, IterableDataset):
+        return dataset.filter(readable), None
+    kept = dataset.filter(readable, desc="Checking images", load_from_cache_file=False)
+    return kept, len(dataset) - len(kept)
+
+
+def check_readable(dataset: Dataset, image_column: str, max_pixels: int = 178_956_970) -> None:
+    """Decode every image once before training, so a bad file fails now (naming it), not after hours of training."""
+    for record in dataset[image_column]:
+        decode_image(record, max_pixels)
+
+
+def check_not_empty(dataset: Dataset | IterableDataset, split: str) -> None:
+    if isinstance(dataset, IterableDataset):
+        if next(iter(dataset.take(1)), None) is None:
+            raise ValueError(f"The {split} split is empty.")
+    elif len(dataset) == 0:
+        raise ValueError(f"The {split} split is empty.")

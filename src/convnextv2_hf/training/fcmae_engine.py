@@ -1,0 +1,233 @@
+"""The FCMAE pre-training loop on Accelerate: the step plan, resume position, one epoch, validation, checkpoints.
+
+Kept apart from the entry point so that the arithmetic (steps per epoch, warm-up, where a resumed run picks up) can
+be tested on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoints import (
+    PRETRAINING_MARKER,
+    STAGING_PREFIX,
+    checkpoint_step,
+    failed_write_kept_out,
+    find_checkpoint,
+    publish,
+    rotate_checkpoints,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; nothing of that step was applied to the weights."""
+
+
+@dataclass
+class TrainingPlan:
+    """How long to train and how fast: derived from the arguments and the size of one process's data loader."""
+
+    total_batch: int
+    learning_rate: float
+    steps_per_epoch: int | None  # None when streaming
+    max_train_steps: int
+    num_epochs: int
+    warmup_steps: int
+    checkpoint_every: int | str | None
+
+    @staticmethod
+    def total_batch_for(args, num_processes: int) -> int:
+        return args.per_device_train_batch_size * num_processes * args.gradient_accumulation_steps
+
+    @classmethod
+    def learning_rate_for(cls, args, num_processes: int) -> float:
+        """`--learning_rate` if given, else the reference scaling `base_learning_rate * total batch / 256`."""
+        if args.learning_rate is not None:
+            return args.learning_rate
+        return args.base_learning_rate * cls.total_batch_for(args, num_processes) / 256
+
+    @classmethod
+    def from_args(cls, args, num_batches: int | None, num_processes: int) -> "TrainingPlan":
+        """`num_batches`: batches per epoch in one process's loader (None when streaming)."""
+        total_batch = cls.total_batch_for(args, num_processes)
+        learning_rate = cls.learning_rate_for(args, num_processes)
+        if num_batches is None:
+            steps_per_epoch, max_steps, num_epochs = None, args.max_train_steps, 10**9
+        else:
+            steps_per_epoch = math.ceil(num_batches / args.gradient_accumulation_steps)
+            max_steps = (args.max_train_steps if args.max_train_steps is not None
+                         else math.ceil(args.num_train_epochs * steps_per_epoch))
+            num_epochs = math.ceil(max_steps / steps_per_epoch)
+        warmup = args.num_warmup_steps
+        if warmup is None:
+            warmup = int(args.warmup_epochs * steps_per_epoch) if steps_per_epoch else 0
+        every = args.checkpointing_steps
+        every = int(every) if every is not None and every != "epoch" else every
+        return cls(total_batch, learning_rate, steps_per_epoch, max_steps, num_epochs, min(warmup, max_steps), every)
+
+    def resume_position(self, completed_steps: int, gradient_accumulation_steps: int) -> tuple[int, int]:
+        """(epoch to continue in, loader batches of that epoch already consumed) after `completed_steps`."""
+        if not self.steps_per_epoch:
+            return 0, 0
+        epoch = completed_steps // self.steps_per_epoch
+        return epoch, (completed_steps % self.steps_per_epoch) * gradient_accumulation_steps
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint records besides the weights: the steps done and the loss history."""
+
+    completed_steps: int = 0
+    history: list[list[float]] = field(default_factory=list)  # [step, mean training loss]
+    validation: list[list[float]] = field(default_factory=list)  # [step, validation loss]
+
+    def to_dict(self) -> dict:
+        return {"completed_steps": self.completed_steps, "history": self.history, "validation": self.validation}
+
+
+@dataclass
+class FCMAERun:
+    """Everything one pre-training run holds; built by `convnextv2_hf.training.pretrain`."""
+
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    train_loader: Any
+    train_dataset: Any
+    sampler: Any
+    plan: TrainingPlan
+    args: Any
+    eval_loader: Any = None
+    progress: Any = None
+
+
+def check_finite(loss: torch.Tensor, step: int, run: FCMAERun) -> None:
+    if not torch.isfinite(loss).all():
+        latest = "none was written yet"
+        try:
+            latest = find_checkpoint(run.args.output_dir, "latest")
+        except FileNotFoundError:
+            pass
+        raise NonFiniteLossError(
+            f"The loss became {loss.max().item()} at step {step + 1}; training stopped before applying it (newest "
+            f"checkpoint: {latest}). Check the images for NaN/Inf pixels, or lower the learning rate."
+        )
+
+
+def epoch_batches(run: FCMAERun, epoch: int, skip: int):
+    """The loader for `epoch`, with its first `skip` batches left out when resuming in the middle of it."""
+    if run.sampler is None:
+        run.train_dataset.set_epoch(epoch)
+    else:
+        run.sampler.set_epoch(epoch)
+    run.train_loader.set_epoch(epoch)  # the prepared loader would otherwise count epochs from 0 after a resume
+    if not skip:
+        return run.train_loader
+    batches = run.accelerator.skip_first_batches(run.train_loader, skip)
+    batches.set_epoch(epoch)
+    return batches
+
+
+def train_one_epoch(run: FCMAERun, epoch: int, state: TrainingState, skip: int = 0) -> None:
+    """Optimizer steps over one epoch (or until the plan's last step), logging and checkpointing as asked."""
+    accelerator, args, running, seen = run.accelerator, run.args, 0.0, 0
+    run.model.train()
+    for batch in epoch_batches(run, epoch, skip):
+        with accelerator.accumulate(run.model):
+            loss = run.model(**batch).loss
+            gathered = accelerator.gather(loss.detach().float().reshape(1))
+            check_finite(gathered, state.completed_steps, run)
+            accelerator.backward(loss)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad()
+        running, seen = running + gathered.mean().item(), seen + 1
+        if not accelerator.sync_gradients:
+            continue
+        state.completed_steps += 1
+        step_loss, running, seen = running / seen, 0.0, 0
+        state.history.append([state.completed_steps, step_loss])
+        after_step(run, state, step_loss)
+        if state.completed_steps >= run.plan.max_train_steps:
+            break
+
+
+def after_step(run: FCMAERun, state: TrainingState, step_loss: float) -> None:
+    if run.progress is not None:
+        run.progress.update(1)
+        run.progress.set_postfix(loss=f"{step_loss:.4f}")
+    if run.args.with_tracking and state.completed_steps % run.args.logging_steps == 0:
+        run.accelerator.log({"train_loss": step_loss, "lr": run.scheduler.get_last_lr()[0]}, step=state.completed_steps)
+    every = run.plan.checkpoint_every
+    if isinstance(every, int) and state.completed_steps % every == 0:
+        save_checkpoint(run, state)
+
+
+@torch.no_grad()
+def evaluate(run: FCMAERun) -> float:
+    """Mean masked-reconstruction loss over the validation split (fixed masks, center crops)."""
+    run.model.eval()
+    total, batches = 0.0, 0
+    for batch in run.eval_loader:
+        total += run.accelerator.gather(run.model(**batch).loss.detach().float().reshape(1)).mean().item()
+        batches += 1
+    run.model.train()
+    return total / max(batches, 1)
+
+
+def save_checkpoint(run: FCMAERun, state: TrainingState) -> str:
+    """`accelerator.save_state` into a staging folder, the state JSON last, then rename; then rotate old ones."""
+    accelerator, output_dir = run.accelerator, run.args.output_dir
+    final = Path(output_dir, f"checkpoint-{state.completed_steps}")
+    staged = final.with_name(f"{STAGING_PREFIX}{final.name}")
+    if accelerator.is_main_process and staged.exists():
+        shutil.rmtree(staged)
+    accelerator.wait_for_everyone()
+    with failed_write_kept_out(staged, f"checkpoint-{state.completed_steps}", output_dir, PRETRAINING_MARKER):
+        accelerator.save_state(str(staged))
+        if accelerator.is_main_process:
+            Path(staged, PRETRAINING_MARKER).write_text(json.dumps(state.to_dict()))
+            publish(staged, final)
+    if accelerator.is_main_process:
+        rotate_checkpoints(output_dir, run.args.checkpoints_total_limit, PRETRAINING_MARKER)
+    accelerator.wait_for_everyone()
+    return str(final)
+
+
+def resume(run: FCMAERun, requested: str) -> TrainingState:
+    """Load the weights, optimizer, scheduler and RNG states of a checkpoint; returns its training state."""
+    path = find_checkpoint(run.args.output_dir, requested)
+    run.accelerator.load_state(path)
+    saved = json.loads(Path(path, PRETRAINING_MARKER).read_text())
+    state = TrainingState(saved["completed_steps"], saved["history"], saved.get("validation", []))
+    run.accelerator.print(f"Resumed from {path} at step {state.completed_steps} (checkpoint-{checkpoint_step(path)})")
+    return state
+
+
+def train(run: FCMAERun, state: TrainingState) -> TrainingState:
+    """Epochs until the plan's last step; validation loss after each epoch when there is a validation split."""
+    start_epoch, skip = run.plan.resume_position(state.completed_steps, run.args.gradient_accumulation_steps)
+    for epoch in range(start_epoch, run.plan.num_epochs):
+        if state.completed_steps >= run.plan.max_train_steps:
+            break
+        train_one_epoch(run, epoch, state, skip if epoch == start_epoch else 0)
+        if run.eval_loader is not None:
+            loss = evaluate(run)
+            state.validation.append([state.completed_steps, loss])
+            run.accelerator.print(f"epoch {epoch + 1}: validation loss {loss:.4f}")
+            if run.args.with_tracking:
+                run.accelerator.log({"validation_loss": loss}, step=state.completed_steps)
+        if run.plan.checkpoint_every == "epoch":
+            save_checkpoint(run, state)
+    return state

@@ -1,0 +1,248 @@
+"""Fine-tuning ConvNeXt V2 image classifiers with the `Trainer`, on `datasets` pipelines: the entry point behind
+`examples/classification/run_finetune.py` and the demo.
+
+Starts from an FCMAE checkpoint, a transformers-format ConvNeXt V2 classifier or a preset from scratch, and adds the
+reference fine-tuning recipe: layer-wise learning-rate decay, a small re-initialised head, drop path, label
+smoothing, optional EMA and mixup/cutmix. Top-1/top-5 accuracy come from the `evaluate` metric module shipped in the
+package, so they work offline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+
+from ..hub import ensure_hub_available, push_folder_to_hub
+from ..metrics import metric_path
+from . import data as data_utils
+from .arguments import DataArguments, FinetuningArguments, ModelArguments
+from .augmentation import PretrainTransform
+from .ema import EMACallback
+from .mixup import MixingTrainer, MixupCutmixCollator
+from .models import init_head_small, load_classifier, training_processor
+from .optim import create_optimizer
+from .reporting import CardInfo, accuracy_eval_results, save_curves, save_model_card
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LabelledData:
+    train: object
+    evaluation: object
+    image_column: str
+    label_column: str
+    labels: list[str]
+    skipped: int
+    ignored: int
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, FinetuningArguments, TrainingArguments),
+                              description="Fine-tune a ConvNeXt V2 image classifier with the Trainer.")
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run fine-tuning from command-line arguments; returns the final evaluation metrics."""
+    return run(*parse_args(argv))
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, recipe: FinetuningArguments,
+        training_args: TrainingArguments) -> dict:
+    """Fine-tune: load and check the data, build the classifier, train with the Trainer, save a pipeline-ready
+    folder with its card; returns the final metrics (and EMA metrics with --model_ema)."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    push = training_args.push_to_hub
+    if push:  # fail before any work; the Trainer's own push is replaced by ours (model, processor, card)
+        ensure_hub_available("push the fine-tuned model (--push_to_hub)", training_args.hub_token)
+        training_args.push_to_hub = False
+    data = load_labelled_data(data_args, recipe, training_args)
+    model, new_head = load_classifier(model_args, recipe, data.labels)
+    if new_head:
+        init_head_small(model, recipe.head_init_scale)
+    processor = training_processor(model_args.image_processor_name or model_args.model_name_or_path,
+                                   model_args.image_size, model.config.mask_cell_size)
+    attach_transforms(data, processor, model_args, recipe, data_args)
+    trainer, ema = build_trainer(model, data, recipe, training_args)
+    metrics = train_and_evaluate(trainer, ema, training_args, data)
+    if trainer.is_world_process_zero():
+        save_outputs(trainer, ema, processor, metrics, data, model_args, data_args, recipe, training_args)
+        if push:
+            push_folder_to_hub(training_args.output_dir, training_args.hub_model_id or Path(training_args.output_dir).name,
+                               training_args.hub_token)
+    return metrics
+
+
+def load_labelled_data(data_args: DataArguments, recipe: FinetuningArguments, training_args) -> LabelledData:
+    """Train and evaluation splits (a held-out split of train when there is no validation set), checked."""
+    raw, ignored = data_utils.load_image_dataset(data_args, labelled=True, token=training_args.hub_token)
+    if "train" not in raw:
+        raise ValueError(f"The dataset has no train split (splits: {list(raw)}).")
+    train = raw["train"]
+    image_column = data_utils.find_column(train, data_args.image_column_name, data_utils.IMAGE_COLUMN_CANDIDATES, "image")
+    label_column = data_utils.find_column(train, recipe.label_column_name, data_utils.LABEL_COLUMN_CANDIDATES, "label")
+    labels = data_utils.label_names(train, label_column)
+    if "validation" in raw:
+        evaluation = raw["validation"]
+        eval_labels = data_utils.label_names(evaluation, label_column) if label_column in evaluation.column_names else None
+        if eval_labels != labels:
+            raise ValueError(f"Class mismatch: train has {len(labels)} classes {labels[:10]}, validation has "
+                             f"{eval_labels if eval_labels is None else len(eval_labels)} {(eval_labels or [])[:10]}.")
+    else:
+        data_utils.check_not_empty(train, "train")
+        stratify = label_column if hasattr(train.features[label_column], "names") else None
+        split = train.train_test_split(recipe.train_val_split, seed=training_args.seed, stratify_by_column=stratify)
+        train, evaluation = split["train"], split["test"]
+    train, evaluation = data_utils.undecoded(train, image_column), data_utils.undecoded(evaluation, image_column)
+    if data_args.max_train_samples is not None:
+        train = train.shuffle(seed=training_args.seed).select(range(min(data_args.max_train_samples, len(train))))
+    if recipe.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(recipe.max_eval_samples, len(evaluation))))
+    train, evaluation, skipped = checked_images(train, evaluation, image_column, data_args, training_args)
+    return LabelledData(train, evaluation, image_column, label_column, labels, skipped, ignored)
+
+
+def checked_images(train, evaluation, image_column: str, data_args: DataArguments, training_args):
+    """Drop unreadable images (with --skip_corrupt_images), else decode the evaluation images once up front."""
+    skipped = 0
+    with training_args.main_process_first():
+        if data_args.skip_corrupt_images:
+            train, dropped_train = data_utils.drop_unreadable(train, image_column, data_args.max_image_pixels)
+            evaluation, dropped_eval = data_utils.drop_unreadable(evaluation, image_column, data_args.max_image_pixels)
+            skipped = dropped_train + dropped_eval
+            if skipped:
+                logger.warning("Skipped %d unreadable image(s).", skipped)
+        else:
+            data_utils.check_readable(evaluation, image_column, data_args.max_image_pixels)
+    data_utils.check_not_empty(train, "train")
+    data_utils.check_not_empty(evaluation, "evaluation")
+    return train, evaluation, skipped
+
+
+def attach_transforms(data: LabelledData, processor, model_args, recipe, data_args) -> None:
+    """Training: RandomResizedCrop + flip; evaluation: the processor (what a pipeline does at serving time)."""
+    train_transform = PretrainTransform(model_args.image_size, processor.image_mean, processor.image_std,
+                                        scale=(recipe.crop_min_scale, 1.0))
+
+    def train_batch(batch):
+        images = [data_utils.decode_image(cell, data_args.max_image_pixels) for cell in batch[data.image_column]]
+        return {"pixel_values": [train_transform(image, None) for image in images], "labels": batch[data.label_column]}
+
+    def eval_batch(batch):
+        images = [data_utils.decode_image(cell, data_args.max_image_pixels) for cell in batch[data.image_column]]
+        return {"pixel_values": list(processor(images, return_tensors="pt")["pixel_values"]),
+                "labels": batch[data.label_column]}
+
+    data.train.set_transform(train_batch)
+    data.evaluation.set_transform(eval_batch)
+
+
+def collate(examples):
+    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "labels": torch.tensor([e["labels"] for e in examples])}
+
+
+def build_trainer(model, data: LabelledData, recipe: FinetuningArguments, training_args):
+    """A `Trainer` (or the soft-label one for mixup/cutmix) with the recipe's optimizer, metrics and EMA."""
+    import evaluate
+
+    metric = evaluate.load(metric_path("topk_accuracy"))
+
+    def compute_metrics(prediction):
+        return metric.compute(predictions=prediction.predictions, references=prediction.label_ids)
+
+    training_args.remove_unused_columns = False
+    ema = EMACallback(model, recipe.model_ema_decay) if recipe.model_ema else None
+    common = dict(model=model, args=training_args, train_dataset=data.train, eval_dataset=data.evaluation,
+                  compute_metrics=compute_metrics, callbacks=[ema] if ema else [],
+                  optimizers=(create_optimizer(model, training_args, recipe.layer_decay, recipe.layer_decay_type), None))
+    if recipe.mixup > 0 or recipe.cutmix > 0:
+        collator = MixupCutmixCollator(len(data.labels), recipe.mixup, recipe.cutmix, recipe.mixup_switch_prob,
+                                       training_args.label_smoothing_factor)
+        training_args.label_smoothing_factor = 0.0  # folded into the soft labels
+        return MixingTrainer(data_collator=collator, eval_collator=collate, **common), ema
+    return Trainer(data_collator=collate, **common), ema
+
+
+def train_and_evaluate(trainer, ema, training_args, data: LabelledData) -> dict:
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = trainer.evaluate()
+    if ema is not None:
+        model = trainer.model
+        trainer.model = trainer.model_wrapped = ema.ema.module
+        metrics.update(trainer.evaluate(metric_key_prefix="eval_ema"))
+        trainer.model = trainer.model_wrapped = model
+    metrics["train_loss"] = train_result.training_loss
+    metrics["skipped_images"] = data.skipped
+    metrics["ignored_files"] = data.ignored
+    return metrics
+
+
+def save_outputs(trainer, ema, processor, metrics, data: LabelledData, model_args, data_args, recipe, training_args):
+    """The pipeline-ready folder: model, processor, EMA copy, curves, card, results and log history."""
+    output_dir = training_args.output_dir
+    trainer.save_model(output_dir)
+    processor.save_pretrained(output_dir)
+    if ema is not None:
+        ema.ema.module.save_pretrained(os.path.join(output_dir, "ema"))
+        processor.save_pretrained(os.path.join(output_dir, "ema"))
+    history = trainer.state.log_history
+    plots = save_finetuning_curves(history, output_dir)
+    smoothing = getattr(trainer.data_collator, "label_smoothing", training_args.label_smoothing_factor)
+    card = finetuning_card(metrics, data, plots, smoothing, model_args, data_args, recipe, training_args)
+    save_model_card(trainer.model, card, output_dir)
+    with open(os.path.join(output_dir, "all_results.json"), "w") as handle:
+        json.dump(metrics, handle, indent=2)
+    with open(os.path.join(output_dir, "log_history.json"), "w") as handle:
+        json.dump(history, handle)
+
+
+def save_finetuning_curves(history: list[dict], output_dir: str) -> dict[str, str]:
+    plots = {}
+    train_points = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    eval_points = [(h["step"], h["eval_top1_accuracy"]) for h in history if "eval_top1_accuracy" in h]
+    if train_points:
+        save_curves({"train loss": tuple(map(list, zip(*train_points)))}, os.path.join(output_dir, "train_loss.png"),
+                    "Fine-tuning loss")
+        plots["Fine-tuning loss"] = "train_loss.png"
+    if eval_points:
+        save_curves({"top-1": tuple(map(list, zip(*eval_points)))}, os.path.join(output_dir, "eval_accuracy.png"),
+                    "Validation top-1 accuracy", ylabel="accuracy")
+        plots["Validation accuracy"] = "eval_accuracy.png"
+    return plots
+
+
+def finetuning_card(metrics, data: LabelledData, plots, smoothing, model_args, data_args, recipe, training_args) -> CardInfo:
+    dataset_label = data_args.dataset_name or Path(data_args.train_dir).name
+    start = model_args.model_name_or_path or f"{model_args.model_preset} from scratch"
+    local_start = model_args.model_name_or_path and os.path.isdir(model_args.model_name_or_path)
+    if local_start:
+        start = f"`{Path(model_args.model_name_or_path).resolve().name}` (local checkpoint)"
+    return CardInfo(
+        model_name=training_args.hub_model_id or Path(training_args.output_dir).name,
+        summary=f"ConvNeXt V2 image classifier fine-tuned from {start}.",
+        data=f"`{dataset_label}`: {len(data.train)} training and {len(data.evaluation)} evaluation images, "
+             f"{len(data.labels)} classes.",
+        recipe={"epochs": str(training_args.num_train_epochs), "learning rate": str(training_args.learning_rate),
+                "batch size": str(training_args.per_device_train_batch_size),
+                "weight decay": str(training_args.weight_decay),
+                "layer-wise lr decay": f"{recipe.layer_decay} ({recipe.layer_decay_type})",
+                "drop path": str(recipe.drop_path_rate), "label smoothing": str(smoothing),
+                "mixup / cutmix": f"{recipe.mixup} / {recipe.cutmix}", "EMA": str(recipe.model_ema),
+                "image size": str(model_args.image_size)},
+        results={k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in metrics.items()
+                 if "accuracy" in k or k in ("eval_loss", "train_loss")},
+        eval_results=accuracy_eval_results(
+            {k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith("eval_top")},
+            dataset_label, data_args.dataset_name or "imagefolder", "validation"),
+        plots=plots,
+        datasets=[data_args.dataset_name] if data_args.dataset_name else None,
+        base_model=model_args.model_name_or_path if model_args.model_name_or_path and not local_start else None,
+    )

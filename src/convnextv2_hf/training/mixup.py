@@ -1,0 +1,67 @@
+"""Mixup and cutmix for fine-tuning: a collator that mixes batches into soft labels, and a Trainer that trains on them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import Trainer
+
+
+class MixupCutmixCollator:
+    """Batches with mixup or cutmix (one chosen per batch) and soft, optionally smoothed, labels."""
+
+    def __init__(self, num_labels: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, switch_prob: float = 0.5,
+                 label_smoothing: float = 0.0):
+        self.num_labels, self.mixup_alpha, self.cutmix_alpha = num_labels, mixup_alpha, cutmix_alpha
+        self.switch_prob, self.label_smoothing = switch_prob, label_smoothing
+
+    def soft_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        off = self.label_smoothing / self.num_labels
+        return torch.full((len(labels), self.num_labels), off).scatter_(1, labels[:, None], 1 - self.label_smoothing + off)
+
+    def __call__(self, examples):
+        pixels = torch.stack([e["pixel_values"] for e in examples])
+        labels = self.soft_labels(torch.tensor([e["labels"] for e in examples]))
+        use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or torch.rand(1).item() < self.switch_prob)
+        alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
+        if alpha <= 0 or len(examples) < 2:
+            return {"pixel_values": pixels, "labels": labels}
+        lam = float(np.random.beta(alpha, alpha))
+        flipped = pixels.flip(0)
+        if use_cutmix:
+            h, w = pixels.shape[-2:]
+            cut_h, cut_w = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+            cy, cx = np.random.randint(h), np.random.randint(w)
+            y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+            x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+            pixels = pixels.clone()
+            pixels[:, :, y0:y1, x0:x1] = flipped[:, :, y0:y1, x0:x1]
+            lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+        else:
+            pixels = lam * pixels + (1 - lam) * flipped
+        return {"pixel_values": pixels, "labels": lam * labels + (1 - lam) * labels.flip(0)}
+
+
+class MixingTrainer(Trainer):
+    """`Trainer` for mixup/cutmix: soft-label cross-entropy in training, hard labels and plain batches in evaluation."""
+
+    def __init__(self, *args, eval_collator=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_collator = eval_collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        train_collator, self.data_collator = self.data_collator, self.eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if labels is None or not labels.is_floating_point():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**inputs)
+        log_probs = torch.nn.functional.log_softmax(outputs.logits.float(), dim=-1)
+        loss = -(labels * log_probs).sum(dim=-1).mean()
+        return (loss, outputs) if return_outputs else loss

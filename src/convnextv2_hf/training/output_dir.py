@@ -1,0 +1,103 @@
+"""An output folder belongs to one run: checked before any work (writable, free space, no other run's results
+unless resuming or overwriting) and locked while the run lasts (a lock left by a dead process is taken over)."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+LOCK_NAME = ".convnextv2-hf.lock"
+RUN_FILES = ("model.safetensors", "pytorch_model.bin", "config.json", "train_results.json", "all_results.json")
+
+
+class OutputDirError(ValueError):
+    """The output folder cannot be used as asked; the message says why and what to do."""
+
+
+def holds_a_run(folder: Path) -> bool:
+    return any((folder / name).exists() for name in RUN_FILES) or any(folder.glob("checkpoint-*"))
+
+
+def check_output_dir(path: str | os.PathLike, flag: str, resume: bool = False, overwrite: bool = False,
+                     needed_bytes: int = 0) -> Path:
+    """Create `path` if needed and check it can take this run; raise [`OutputDirError`] naming the fix if not."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise OutputDirError(f"{flag} {str(path)!r} is a file, not a folder; choose a folder path.")
+    if folder.is_dir() and holds_a_run(folder) and not resume and not overwrite:
+        raise OutputDirError(f"{flag} {str(path)!r} already holds a model or checkpoints from another run; pass "
+                             "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, "
+                             "or choose another folder.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise OutputDirError(f"Cannot write to {flag} {str(path)!r} ({error.strerror or error}); choose a writable "
+                             "folder.") from None
+    free = shutil.disk_usage(folder).free
+    if needed_bytes and free < needed_bytes:
+        raise OutputDirError(f"{flag} {str(path)!r} has {free / 2**20:.0f} MiB free but one checkpoint needs about "
+                             f"{needed_bytes / 2**20:.0f} MiB; free some space or choose another disk.")
+    return folder
+
+
+def checkpoint_bytes(num_parameters: int, with_optimizer: bool = True) -> int:
+    """About what one checkpoint takes: fp32 weights, plus two Adam moments, plus 10 % for the rest."""
+    return int(num_parameters * 4 * (3 if with_optimizer else 1) * 1.1)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OutputDirLock:
+    """A lock file naming the process that owns the folder; released at exit. A stale lock (dead process on this
+    host) is taken over; a live one is an error."""
+
+    def __init__(self, folder: str | os.PathLike, flag: str = "--output_dir"):
+        self.path = Path(folder) / LOCK_NAME
+        owner = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                self._take_over_if_stale(flag)
+                continue
+            with os.fdopen(handle, "w") as out:
+                json.dump(owner, out)
+            atexit.register(self.release)
+            return
+        raise OutputDirError(f"Could not lock {flag} {str(folder)!r}.")
+
+    def _take_over_if_stale(self, flag: str) -> None:
+        try:
+            owner = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            owner = {}
+        same_host = owner.get("host") == socket.gethostname()
+        if same_host and owner.get("pid") and process_alive(int(owner["pid"])):
+            raise OutputDirError(f"{flag} {str(self.path.parent)!r} is in use by another run (process {owner['pid']}); "
+                                 "wait for it to finish or choose another folder.")
+        if owner and not same_host:
+            raise OutputDirError(f"{flag} {str(self.path.parent)!r} is locked by a run on {owner.get('host')}; if that "
+                                 f"run is gone, delete {self.path}.")
+        self.path.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        try:
+            if json.loads(self.path.read_text()).get("pid") == os.getpid():
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass

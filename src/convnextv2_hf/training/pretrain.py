@@ -1,0 +1,275 @@
+"""FCMAE pre-training of ConvNeXt V2 with Accelerate, on `datasets` pipelines: the entry point behind
+`examples/pretraining/run_fcmae.py` and the demo.
+
+Defaults follow the reference recipe (`main_pretrain.py`): AdamW (0.9, 0.95), weight decay 0.05 (not on norms,
+biases, GRN or the mask token), learning rate `base_learning_rate * total_batch / 256`, cosine schedule with
+warm-up, RandomResizedCrop(scale 0.2-1) + flip, normalised pixel targets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import HfArgumentParser, get_scheduler
+
+from ..hub import ensure_hub_available, push_folder_to_hub
+from ..masking import random_masking
+from . import data as data_utils
+from .arguments import DataArguments, ModelArguments, PretrainingArguments
+from .augmentation import PretrainTransform
+from .checkpoints import PRETRAINING_MARKER, remove_staging_leftovers, save_folder_atomically
+from .fcmae_engine import FCMAERun, TrainingPlan, TrainingState, resume, train
+from .masked_datasets import EpochSampler, EvaluationMaskedDataset, MaskedImageDataset, StreamingMaskedImageDataset, collate
+from .models import build_fcmae
+from .optim import param_groups
+from .output_dir import OutputDirLock, check_output_dir, checkpoint_bytes
+from .reporting import CardInfo, save_curves, save_model_card, save_reconstruction_grid
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainingData:
+    train: object
+    validation: object | None
+    image_column: str
+    skipped: int | None
+    ignored: int
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, PretrainingArguments),
+                              description="Pre-train ConvNeXt V2 with FCMAE (Accelerate).")
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run pre-training from command-line arguments; returns a summary (final loss, steps, paths)."""
+    return run(*parse_args(argv))
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, args: PretrainingArguments) -> dict:
+    """Pre-train: check everything that can fail early, build data and model, train, save the hub-ready folder."""
+    from accelerate.utils import set_seed
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.push_to_hub:  # fail before any work
+        ensure_hub_available("push the pre-trained model (--push_to_hub)", args.hub_token)
+    accelerator = build_accelerator(args)
+    set_seed(args.seed)
+    claim_output_dir(args, accelerator)
+    data = load_data(data_args, args, accelerator)
+    model, processor = build_fcmae(model_args, args)
+    check_free_space(args, model, accelerator)
+    fcmae_run = prepare_run(accelerator, model, processor, data, model_args, data_args, args)
+    state = resume(fcmae_run, args.resume_from_checkpoint) if args.resume_from_checkpoint else TrainingState()
+    start_reporting(fcmae_run, state, processor)
+    state = train(fcmae_run, state)
+    fcmae_run.progress.close()
+    if args.with_tracking:
+        accelerator.end_training()
+    return finish(fcmae_run, state, data, processor, model_args, data_args)
+
+
+def build_accelerator(args: PretrainingArguments):
+    from accelerate import Accelerator
+
+    return Accelerator(
+        cpu=use_cpu_processes(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to if args.with_tracking else None,
+        project_dir=args.output_dir,
+    )
+
+
+def use_cpu_processes() -> bool:
+    """Several processes but no CUDA (e.g. `accelerate launch --multi_gpu --num_processes 2` on a CPU machine):
+    run them as CPU data parallelism over gloo instead of as independent single-process runs."""
+    if os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true"):
+        return True
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def claim_output_dir(args: PretrainingArguments, accelerator) -> None:
+    if accelerator.is_main_process:
+        check_output_dir(args.output_dir, "--output_dir", resume=bool(args.resume_from_checkpoint),
+                         overwrite=args.overwrite_output_dir)
+        OutputDirLock(args.output_dir)
+        remove_staging_leftovers(args.output_dir)
+    accelerator.wait_for_everyone()
+
+
+def check_free_space(args: PretrainingArguments, model, accelerator) -> None:
+    if accelerator.is_main_process:
+        needed = checkpoint_bytes(model.num_parameters(), with_optimizer=args.checkpointing_steps is not None)
+        check_output_dir(args.output_dir, "--output_dir", resume=True, needed_bytes=needed)
+
+
+def save_model_and_processor(model, processor, folder) -> None:
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)  # after the model: beside an FCMAE model it keeps its mask settings
+
+
+def load_data(data_args: DataArguments, args: PretrainingArguments, accelerator) -> PretrainingData:
+    """The train (and optional validation) split, with unreadable images dropped or reported before training."""
+    raw, ignored = data_utils.load_image_dataset(data_args, streaming=args.streaming, token=args.hub_token)
+    if "train" not in raw:
+        raise ValueError(f"The dataset has no train split (splits: {list(raw)}).")
+    image_column = data_utils.find_column(raw["train"], data_args.image_column_name,
+                                          data_utils.IMAGE_COLUMN_CANDIDATES, "image")
+    splits = {name: data_utils.undecoded(raw[name], image_column) for name in ("train", "validation") if name in raw}
+    if data_args.max_train_samples is not None:
+        train = splits["train"]
+        splits["train"] = (train.take(data_args.max_train_samples) if args.streaming
+                           else train.select(range(min(data_args.max_train_samples, len(train)))))
+    skipped = None
+    with accelerator.main_process_first():
+        if data_args.skip_corrupt_images:
+            results = {name: data_utils.drop_unreadable(split, image_column, data_args.max_image_pixels)
+                       for name, split in splits.items()}
+            splits = {name: result[0] for name, result in results.items()}
+            skipped = sum(result[1] or 0 for result in results.values()) if not args.streaming else None
+        elif "validation" in splits and not args.streaming:
+            data_utils.check_readable(splits["validation"], image_column, data_args.max_image_pixels)
+    for name, split in splits.items():
+        data_utils.check_not_empty(split, name)
+    return PretrainingData(splits["train"], splits.get("validation"), image_column, skipped, ignored)
+
+
+def prepare_run(accelerator, model, processor, data: PretrainingData, model_args, data_args, args) -> FCMAERun:
+    """Data loaders, optimizer and schedule, prepared by Accelerate."""
+    config = model.config
+    transform = PretrainTransform(model_args.image_size, processor.image_mean, processor.image_std,
+                                  scale=(args.crop_min_scale, 1.0))
+
+    def draw_mask(pixel_values, generator):
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        mask = processor.draw_masks([tuple(pixel_values.shape[-2:])], config.mask_ratio, config.mask_cell_size, seed)
+        return torch.as_tensor(mask[0])
+
+    train_dataset, sampler, train_loader = train_loader_for(data, transform, draw_mask, data_args, args)
+    eval_loader = None
+    if data.validation is not None and not args.streaming:
+        evaluation = EvaluationMaskedDataset(data.validation, data.image_column, processor, draw_mask, args.seed,
+                                             data_args.max_image_pixels)
+        eval_loader = DataLoader(evaluation, batch_size=args.per_device_train_batch_size, collate_fn=collate)
+    learning_rate = TrainingPlan.learning_rate_for(args, accelerator.num_processes)
+    optimizer = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, args.weight_decay)],
+        lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+    )
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    plan = TrainingPlan.from_args(args, None if args.streaming else len(train_loader), accelerator.num_processes)
+    scheduler = accelerator.prepare(get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=plan.warmup_steps * accelerator.num_processes,
+        num_training_steps=plan.max_train_steps * accelerator.num_processes))
+    return FCMAERun(accelerator, model, optimizer, scheduler, train_loader, train_dataset, sampler, plan, args,
+                    eval_loader=eval_loader)
+
+
+def train_loader_for(data: PretrainingData, transform, draw_mask, data_args, args):
+    """(dataset, sampler or None, loader): seeded per-sample augmentation and masks, a seeded order per epoch."""
+    common = dict(image_column=data.image_column, transform=transform, draw_mask=draw_mask, seed=args.seed,
+                  max_pixels=data_args.max_image_pixels)
+    if args.streaming:
+        dataset = StreamingMaskedImageDataset(data.train, **common)
+        return dataset, None, DataLoader(dataset, batch_size=args.per_device_train_batch_size, collate_fn=collate,
+                                         num_workers=args.dataloader_num_workers)
+    dataset = MaskedImageDataset(data.train, **common)
+    sampler = EpochSampler(len(dataset), args.seed)
+    loader = DataLoader(dataset, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collate,
+                        num_workers=args.dataloader_num_workers, drop_last=True)
+    if len(loader) == 0:
+        raise ValueError(f"{len(dataset)} training images are fewer than one batch of "
+                         f"{args.per_device_train_batch_size}; lower --per_device_train_batch_size.")
+    return dataset, sampler, loader
+
+
+def start_reporting(fcmae_run: FCMAERun, state: TrainingState, processor) -> None:
+    from tqdm.auto import tqdm
+
+    accelerator, args, plan = fcmae_run.accelerator, fcmae_run.args, fcmae_run.plan
+    if args.with_tracking:
+        accelerator.init_trackers("fcmae", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    model = accelerator.unwrap_model(fcmae_run.model)
+    accelerator.print(
+        f"FCMAE pre-training: {model.num_parameters() / 1e6:.2f} M parameters, {plan.max_train_steps} steps, total "
+        f"batch {plan.total_batch}, lr {plan.learning_rate:.2e}, mask ratio {model.config.mask_ratio}"
+    )
+    fcmae_run.progress = tqdm(range(plan.max_train_steps), initial=state.completed_steps,
+                              disable=not accelerator.is_local_main_process, desc="FCMAE pre-training")
+
+
+def finish(fcmae_run: FCMAERun, state: TrainingState, data: PretrainingData, processor, model_args, data_args) -> dict:
+    """Save the model, processor, pictures, card and results (main process), then push if asked."""
+    accelerator, args = fcmae_run.accelerator, fcmae_run.args
+    history = state.history
+    summary = {"completed_steps": state.completed_steps, "history": history,
+               "final_loss": history[-1][1] if history else None, "skipped_images": data.skipped,
+               "ignored_files": data.ignored, "validation_loss": state.validation}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(fcmae_run.model)
+        save_folder_atomically(args.output_dir, lambda folder: save_model_and_processor(model, processor, folder),
+                               "the final model", PRETRAINING_MARKER)
+        write_report(model, processor, state, data, fcmae_run.plan, model_args, data_args, args)
+        with open(os.path.join(args.output_dir, "train_results.json"), "w") as handle:
+            json.dump({k: v for k, v in summary.items() if k != "history"} | {"loss_history": history}, handle)
+        if args.push_to_hub:
+            push_folder_to_hub(args.output_dir, args.hub_model_id or Path(args.output_dir).name, args.hub_token)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def preview_batch(dataset, image_column: str, processor, count: int = 8) -> torch.Tensor:
+    """A few images center-cropped by the processor, evenly spread over the dataset (so several classes show)."""
+    if hasattr(dataset, "__len__"):
+        step = max(1, len(dataset) // count)
+        rows = (dataset[i] for i in range(0, min(len(dataset), step * count), step))
+    else:
+        rows = dataset.take(count)
+    return processor([data_utils.decode_image(row[image_column]) for row in rows], return_tensors="pt")["pixel_values"]
+
+
+def write_report(model, processor, state: TrainingState, data, plan: TrainingPlan, model_args, data_args, args) -> None:
+    """Loss curve, reconstruction grid and the model card."""
+    out, config = args.output_dir, model.config
+    curves = {"train": tuple(map(list, zip(*state.history))) if state.history else ([], [])}
+    if state.validation:
+        curves["validation"] = tuple(map(list, zip(*state.validation)))
+    save_curves(curves, os.path.join(out, "loss_curve.png"), "FCMAE pre-training loss")
+    preview = preview_batch(data.train, data.image_column, processor).to(model.device)
+    grid = (model_args.image_size // config.mask_cell_size,) * 2
+    mask = random_masking(preview.shape[0], grid, config.mask_ratio, generator=torch.Generator().manual_seed(args.seed))
+    save_reconstruction_grid(model, preview, os.path.join(out, "reconstructions.png"), processor.image_mean,
+                             processor.image_std, bool_masked_pos=mask.to(preview.device))
+    tail = [loss for _, loss in state.history[-max(1, len(state.history) // 10):]]
+    results = {"final training loss (mean of last 10% of steps)": f"{sum(tail) / len(tail):.4f}"} if tail else {}
+    if state.validation:
+        results["validation loss (masked reconstruction, last epoch)"] = f"{state.validation[-1][1]:.4f}"
+    source = f"`{data_args.dataset_name}`" if data_args.dataset_name else f"images from the `{Path(data_args.train_dir).name}` folder"
+    count = " (streamed)" if args.streaming else f", {len(data.train)} training images"
+    save_model_card(model, CardInfo(
+        model_name=args.hub_model_id or Path(out).name,
+        summary="ConvNeXt V2 pre-trained without labels by FCMAE (fully convolutional masked autoencoder).",
+        data=source + count,
+        recipe={"steps": str(state.completed_steps), "total batch": str(plan.total_batch),
+                "learning rate": f"{plan.learning_rate:.3g}",
+                "schedule": f"{args.lr_scheduler_type}, {plan.warmup_steps} warm-up steps",
+                "optimizer": f"AdamW ({args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay}",
+                "mask ratio": str(config.mask_ratio), "image size": str(model_args.image_size),
+                "norm_pix_loss": str(config.norm_pix_loss),
+                "augmentation": f"RandomResizedCrop(scale {args.crop_min_scale}-1.0) + horizontal flip"},
+        results=results, plots={"Pre-training loss": "loss_curve.png",
+                                "Reconstructions (input, masked, reconstruction)": "reconstructions.png"},
+        datasets=[data_args.dataset_name] if data_args.dataset_name else None,
+    ), out)
