@@ -118,3 +118,87 @@ def make_image_folder(root, classes=("cats", "dogs"), per_class=6, size_range=(4
     if corrupt:
         (root / classes[0] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
     return root
+
+
+# --------------------------------------------------------------------------------------------- serving parity
+
+# Set by .ci/run: a second environment with torchvision, where transformers picks its torchvision processors.
+TORCHVISION_PYTHON = os.environ.get("CONVNEXTV2_TEST_TORCHVISION_PYTHON")
+
+
+def python_for(environment: str) -> str:
+    """The interpreter of the environment `"without torchvision"` (this one) or `"with torchvision"`."""
+    if environment == "without torchvision":
+        return sys.executable
+    if not TORCHVISION_PYTHON:
+        pytest.skip("CONVNEXTV2_TEST_TORCHVISION_PYTHON is not set: no environment with torchvision to test against "
+                    "(.ci/run builds one)")
+    return TORCHVISION_PYTHON
+
+
+def write_photo(path, size=(517, 333), orientation: int = 6, seed: int = 0):
+    """A photo-like JPEG (smooth gradients, texture, blobs) of an odd size, with an EXIF orientation tag."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w] / max(size)
+    image = np.stack([np.sin(6 * x + 2 * y), np.cos(5 * y - 3 * x), np.sin(9 * x * y)], -1) * 60 + 120
+    for _ in range(6):
+        cy, cx, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.2)
+        image[(y - cy) ** 2 + (x - cx) ** 2 < r**2] = rng.uniform(0, 255, 3)
+    image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(image).save(path, quality=90, exif=exif)
+    return path
+
+
+PLAIN_TRANSFORMERS_SERVING = """
+import json, sys, torch
+from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+from transformers.image_utils import load_image
+folder, image, out = sys.argv[1:4]
+scores = pipeline("image-classification", model=folder)(image, top_k=None)
+processor = AutoImageProcessor.from_pretrained(folder)
+model = AutoModelForImageClassification.from_pretrained(folder).eval()
+pixels = processor(load_image(image), return_tensors="pt")["pixel_values"]
+with torch.no_grad():
+    logits = model(pixels).logits
+torch.save({"scores": scores, "pixels": pixels, "logits": logits,
+            "classes": [type(x).__module__ + "." + type(x).__name__ for x in (processor, model)]}, out)
+"""
+
+OURS_SERVING = """
+import sys, torch
+from convnextv2_hf import ConvNextV2ForImageClassification, ConvNextV2ImageProcessor
+from convnextv2_hf.training.data import decode_image
+folder, image, out = sys.argv[1:4]
+processor = ConvNextV2ImageProcessor.from_pretrained(folder)
+model = ConvNextV2ForImageClassification.from_pretrained(folder).eval()
+pixels = processor(decode_image({"path": image}), return_tensors="pt")["pixel_values"]
+with torch.no_grad():
+    logits = model(pixels).logits
+torch.save({"pixels": pixels, "logits": logits, "id2label": model.config.id2label}, out)
+"""
+
+
+def assert_served_like_ours(folder, image, tmp_path, environment: str = "without torchvision") -> dict:
+    """Plain transformers (a fresh process that never imports this package) serves `folder` with its own classes,
+    and its pixels, logits and pipeline scores equal ours (1e-5) in the same environment."""
+    python = python_for(environment)
+    plain, ours = tmp_path / "plain.pt", tmp_path / "ours.pt"
+    code = PLAIN_TRANSFORMERS_SERVING.replace("sys.argv[1:4]", repr([str(folder), str(image), str(plain)]))
+    run_plain_python(code, tmp_path, python=python)
+    result = run_as_user([python, "-c", OURS_SERVING, str(folder), str(image), str(ours)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plain, ours = torch.load(plain, weights_only=False), torch.load(ours, weights_only=False)
+    assert all(name.startswith("transformers.") for name in plain["classes"]), plain["classes"]
+    assert (plain["pixels"] - ours["pixels"]).abs().max() <= 1e-5
+    assert (plain["logits"] - ours["logits"]).abs().max() <= 1e-5
+    probabilities = ours["logits"].softmax(-1)[0]
+    for entry in plain["scores"]:
+        label_index = {v: int(k) for k, v in ours["id2label"].items()}[entry["label"]]
+        assert abs(entry["score"] - probabilities[label_index].item()) <= 1e-5
+    return plain

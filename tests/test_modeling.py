@@ -160,3 +160,75 @@ def test_use_grn_switch():
     assert not any("grn" in name for name, _ in model.named_parameters())
     mim = ConvNextV2ForMaskedImageModeling(tiny_config(use_grn=False))
     assert torch.isfinite(mim(torch.randn(1, 3, 32, 32)).loss)
+
+
+# --------------------------------------------------------------------------------------------- transformers conventions
+# (also checked by transformers' own common tests in test_transformers_common.py; these run without the download)
+
+
+@pytest.mark.parametrize("backend", ["dense", "gather"])
+@pytest.mark.parametrize("strategy", ["fcmae", "mixmae"])
+def test_hidden_states_lie_on_the_path_to_the_loss(backend, strategy):
+    model = make_mim(sparse_backend=backend, mask_strategy=strategy, sparse_grn_scope="sample")
+    mask = torch.tensor([[True, False, False, True], [False, True, True, False]])
+    out = model(torch.randn(2, 3, 32, 32), bool_masked_pos=mask, output_hidden_states=True)
+    for state in out.hidden_states:
+        state.retain_grad()
+    out.loss.backward()
+    assert all(state.grad is not None and state.grad.abs().sum() > 0 for state in out.hidden_states)
+    assert len(out.hidden_states[0]) == (4 if strategy == "mixmae" else 2)
+
+
+def test_mask_is_float_and_tuple_and_dict_outputs_agree():
+    model = make_mim()
+    images, mask = torch.randn(2, 3, 32, 32), torch.tensor([[True, False, False, True], [False, True, True, False]])
+    as_dict = model(images, bool_masked_pos=mask, output_hidden_states=True)
+    as_tuple = model(images, bool_masked_pos=mask, output_hidden_states=True, return_dict=False)
+    assert as_dict.mask.dtype == torch.float32 and torch.equal(as_dict.mask, mask.float())
+    for a, b in zip(as_dict.to_tuple(), as_tuple):
+        for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert (x - y).abs().max() == 0  # subtraction works: no bool tensors among the outputs
+
+
+@pytest.mark.parametrize("backend", ["dense", "gather"])
+def test_fcmae_exports_with_static_and_dynamic_batch(backend):
+    model = make_mim(sparse_backend=backend, sparse_grn_scope="sample")
+    images = torch.randn(3, 3, 32, 48)
+    mask = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 1, 1, 0, 0], [1, 1, 0, 0, 1, 0]], dtype=torch.bool)
+    batch = torch.export.Dim("batch", min=2, max=64)
+    with torch.no_grad():
+        static = torch.export.export(model, (), {"pixel_values": images, "bool_masked_pos": mask}, strict=False)
+        dynamic = torch.export.export(model, (), {"pixel_values": images, "bool_masked_pos": mask}, strict=False,
+                                      dynamic_shapes={"pixel_values": {0: batch}, "bool_masked_pos": {0: batch}})
+        expected = model(images, bool_masked_pos=mask)
+        torch.testing.assert_close(static.module()(pixel_values=images, bool_masked_pos=mask).loss, expected.loss)
+        two = model(images[:2], bool_masked_pos=mask[:2])
+        got = dynamic.module()(pixel_values=images[:2], bool_masked_pos=mask[:2])
+        torch.testing.assert_close(got.loss, two.loss)
+        torch.testing.assert_close(got.reconstruction, two.reconstruction)
+    with pytest.raises(ValueError, match="visible"):  # the same checks as before, in eager mode
+        model(images, bool_masked_pos=torch.ones_like(mask))
+
+
+@pytest.mark.parametrize("model_class", [ConvNextV2Model, ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling])
+def test_output_hidden_states_selects_indices(model_class):
+    model = (make_mim() if model_class is ConvNextV2ForMaskedImageModeling else model_class(tiny_config())).eval()
+    inputs = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    if model_class is ConvNextV2ForMaskedImageModeling:
+        inputs["bool_masked_pos"] = torch.tensor([[True, False, False, True], [False, True, True, False]])
+    everything = model(**inputs, output_hidden_states=True).hidden_states
+    selected = model(**inputs, output_hidden_states=[0, 2, -1]).hidden_states
+    assert len(selected) == len(everything) == 5
+    for i, (a, b) in enumerate(zip(everything, selected)):
+        if i in (0, 2, 4):
+            torch.testing.assert_close(a, b)
+        else:
+            assert b is None
+    assert model(**inputs, output_hidden_states=False).hidden_states is None
+
+
+def test_unknown_keyword_is_named_with_a_suggestion():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bool_masked_positions'; did you mean 'bool_masked_pos'"):
+        make_mim()(torch.randn(1, 3, 32, 32), bool_masked_positions=None)
+    with pytest.raises(TypeError, match="'lables'; did you mean 'labels'"):
+        ConvNextV2ForImageClassification(tiny_config())(torch.randn(1, 3, 32, 32), lables=torch.tensor([0]))

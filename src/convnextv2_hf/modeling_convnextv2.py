@@ -111,7 +111,10 @@ class ConvNextV2Layer(GradientCheckpointingLayer):
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.drop_path = ConvNextV2DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sparse=None) -> torch.Tensor:
+        """`x` (N, C, H, W); inside the FCMAE sparse encoder, `sparse` runs the block on that backend's sites."""
+        if sparse is not None:
+            return sparse.run(self, x)
         y = self.layernorm(self.dwconv(x).permute(0, 2, 3, 1))
         y = self.pwconv2(self.grn(self.act(self.pwconv1(y)))).permute(0, 3, 1, 2)
         return x + self.drop_path(y)
@@ -267,6 +270,8 @@ class ConvNextV2PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     accepts_loss_kwargs = False
     _no_split_modules = ["ConvNextV2Layer"]
+    # Hidden states are the stem output and each stage's output; `output_hidden_states=[i, ...]` selects among them.
+    _can_record_outputs = {"hidden_states": ConvNextV2Stage}
 
     def __init__(self, config: ConvNextV2Config, *args, **kwargs):
         if hasattr(config, "check_architecture"):
@@ -446,7 +451,8 @@ class ConvNextV2MaskedImageModelingOutput(ModelOutput):
             The mask used, 1.0 = masked, 0.0 = visible (a float tensor, as transformers' masked autoencoders return;
             `mask.bool()` gives the boolean form).
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
-            Stem output and every stage's output of the sparse encoder, zero at masked positions.
+            Stem output and every stage's output of the sparse encoder, zero at masked positions. With
+            `mask_strategy="mixmae"` each has 2N rows: the N images' own encodings, then the N partner encodings.
         partner_logits, partner_reconstruction (*optional*, `mask_strategy="mixmae"` only):
             Predictions for the partner image (`pixel_values.flip(0)`), whose pixels fill the masked cells of the
             mixed input, at the cells it did not show (`~mask`).
@@ -651,8 +657,8 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
             full_mask = upsample_mask(mask, tuple(pixel_values.shape[-2:])).to(pixel_values.dtype)
             extra = dict(partner_logits=logits[n:], partner_reconstruction=reconstruction[n:],
                          mixed_pixel_values=pixel_values * (1 - full_mask) + pixel_values.flip(0) * full_mask)
-        if hidden_states is not None:
-            hidden_states = select_hidden_states(tuple(h[:n] for h in hidden_states), output_hidden_states)
+        if hidden_states is not None:  # MixMAE: 2N maps, the sources' own encodings and then their partners'
+            hidden_states = select_hidden_states(hidden_states, output_hidden_states)
         return ConvNextV2MaskedImageModelingOutput(
             loss=loss, logits=logits[:n], reconstruction=reconstruction[:n], mask=mask.flatten(1).to(logits.dtype),
             hidden_states=hidden_states, **extra,

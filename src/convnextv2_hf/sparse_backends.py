@@ -10,8 +10,7 @@ backend only says how to embed, downsample and run one block on its own represen
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +26,18 @@ from .sparse_ops import (
     scatter_to_grid,
     sparse_grn,
 )
+
+
+class SparseBlockCall(NamedTuple):
+    """Passed to a block's `forward` as `sparse=`: run the block on this backend's visible sites. Calling the block
+    module (rather than its parts) keeps module hooks and transformers' gradient checkpointing working."""
+
+    backend: "SparseEncoderBackend"
+    sites: Any
+    grn_scope: str
+
+    def run(self, layer: nn.Module, features: torch.Tensor) -> torch.Tensor:
+        return self.backend.block(layer, features, self.sites, self.grn_scope)
 
 
 def checkpointing(layer: nn.Module) -> bool:
@@ -71,10 +82,7 @@ class SparseEncoderBackend:
         return self.to_map(features, sites), tuple(hidden_states) if output_hidden_states else None
 
     def run_block(self, layer: nn.Module, features: torch.Tensor, sites: Any, grn_scope: str) -> torch.Tensor:
-        block = partial(self.block, layer, sites=sites, grn_scope=grn_scope)
-        if checkpointing(layer):
-            return layer._gradient_checkpointing_func(block, features)
-        return block(features)
+        return layer(features, sparse=SparseBlockCall(self, sites, grn_scope))
 
     def capture(self, features: torch.Tensor, sites: Any, hidden_states: list) -> torch.Tensor:
         """Append the dense map of `features` and continue from it, so the map stays in the autograd graph."""
@@ -231,7 +239,7 @@ class MinkowskiBackend(SparseEncoderBackend):
         if checkpointing(layer):
             raise ValueError("Gradient checkpointing is not supported with sparse_backend='minkowski'; use "
                              "sparse_backend='gather' (same numbers) or call model.gradient_checkpointing_disable().")
-        return self.block(layer, features, sites, grn_scope)
+        return super().run_block(layer, features, sites, grn_scope)
 
     def _tensor(self, features, sites: MinkowskiSites):
         return self.ME.SparseTensor(features, coordinate_map_key=sites.key, coordinate_manager=sites.manager)
