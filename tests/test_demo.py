@@ -11,7 +11,7 @@ from convnextv2_hf.cli import main as cli
 @pytest.mark.slow
 def test_demo_quick(tmp_path, capsys):
     out = tmp_path / "demo"
-    cli(["demo", "--quick", "--output_dir", str(out)])
+    assert 0 == cli(["demo", "--quick", "--output_dir", str(out)])
     for name in ("results.md", "results.json", "reconstructions.png", "pretrain_loss_curve.png",
                  "finetune_curves.png", "feature_collapse.png"):
         assert (out / name).exists(), name

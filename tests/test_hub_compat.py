@@ -156,7 +156,7 @@ def write_with_run_finetune(folder):
 def write_with_convert(folder):
     fcmae = folder.parent / "reference-fcmae.pt"
     export_checkpoint(perturbed(ConvNextV2ForMaskedImageModeling(tiny_config())), "reference", fcmae)
-    cli(["convert", "--from", "reference", "--checkpoint", str(fcmae), "--output_dir", str(folder),
+    assert 0 == cli(["convert", "--from", "reference", "--checkpoint", str(fcmae), "--output_dir", str(folder),
          "--task", "classification"])
 
 

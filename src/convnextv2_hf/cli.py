@@ -1,51 +1,106 @@
-"""The `convnextv2-hf` command line."""
+"""The `convnextv2-hf` command line, and the error handling every entry point shares.
+
+An expected error (a bad input, a missing file, a full disk) ends the program with one line on stderr that names the
+input and the fix, and exit code 2; `--debug` (or `CONVNEXTV2_HF_DEBUG=1`) shows the full traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
+
+DEBUG_ENV = "CONVNEXTV2_HF_DEBUG"
+# Raised on purpose for bad inputs (ValueError, OSError and subclasses, KeyError from conversion, RuntimeError from
+# hub and dataset loading, ImportError for optional engines); anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (ValueError, OSError, KeyError, RuntimeError, ImportError)
+
+
+def one_line(error: BaseException) -> str:
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(str(text).split()) or type(error).__name__
+
+
+def run_entry_point(main: Callable[[list[str]], object], argv: list[str] | None = None,
+                    debug_flag: bool = True) -> int:
+    """Run `main(argv)` and return its exit code; with `debug_flag`, `--debug` in `argv` asks for tracebacks."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
+    if debug_flag and "--debug" in argv:
+        argv.remove("--debug")
+        debug = True
+    quiet_transformers()
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as error:
+        if debug:
+            raise
+        hint = "--debug or " if debug_flag else ""
+        print(f"error: {one_line(error)} ({hint}{DEBUG_ENV}=1 shows the traceback)", file=sys.stderr)
+        return 2
+    return 0
+
+
+def quiet_transformers() -> None:
+    """transformers' own info and warnings off, unless the user chose a level (it reads TRANSFORMERS_VERBOSITY
+    when it is imported, so setting the variable here would have no effect)."""
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
 
 
 def convert(args: argparse.Namespace) -> None:
     """Convert a reference-repository, timm or transformers checkpoint into this package's format."""
     from .convert_convnextv2 import convert_checkpoint, read_id2label
     from .hub import ensure_hub_available
+    from .training.output_dir import OutputDirLock, check_output_dir
 
     if args.push_to_hub:
         ensure_hub_available("push the converted model", args.hub_token)
+    check_output_dir(args.output_dir, "--output_dir", overwrite=args.overwrite_output_dir)
+    OutputDirLock(args.output_dir)
     model = convert_checkpoint(
         args.checkpoint, args.source, args.output_dir, task=args.task, id2label=read_id2label(args.id2label),
-        push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id,
+        push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, hub_token=args.hub_token,
     )
     config = model.config
     print(f"{type(model).__name__}: depths {config.depths}, widths {config.hidden_sizes}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters -> {args.output_dir}")
+          f"{model.num_parameters() / 1e6:.2f} M parameters -> {args.output_dir}")
 
 
 def export(args: argparse.Namespace) -> None:
     """Write one of our checkpoints in the reference repository's or timm's layout."""
-    from transformers import AutoConfig
-
-    from . import ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
+    from . import ConvNextV2Config, ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
     from .convert_convnextv2 import export_checkpoint
 
-    config = AutoConfig.from_pretrained(args.model_name_or_path)
+    source, output = args.model_name_or_path, Path(args.output)
+    if not os.path.isdir(source) and (os.path.exists(source) or source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise FileNotFoundError(f"--model_name_or_path {source!r} is not a model folder (one holding config.json).")
+    if output.is_dir():
+        raise IsADirectoryError(f"--output {str(output)!r} is a folder; give a file path, e.g. {output / 'model.pth'}.")
+    config = ConvNextV2Config.from_pretrained(source)
     fcmae = "ConvNextV2ForMaskedImageModeling" in (config.architectures or [])
     model_class = ConvNextV2ForMaskedImageModeling if fcmae else ConvNextV2ForImageClassification
-    model = model_class.from_pretrained(args.model_name_or_path)
-    foreign = export_checkpoint(model, args.layout, args.output)
-    print(f"wrote {len(foreign)} tensors in the {args.layout} layout to {args.output}")
+    model = model_class.from_pretrained(source)
+    foreign = export_checkpoint(model, args.layout, output)
+    print(f"wrote {len(foreign)} tensors in the {args.layout} layout to {output}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="convnextv2-hf", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convnextv2-hf", description=__doc__.splitlines()[0],
+                                     epilog=f"--debug (or {DEBUG_ENV}=1) shows full tracebacks.")
     commands = parser.add_subparsers(dest="command", required=True)
-
     conv = commands.add_parser("convert", help=convert.__doc__)
     conv.add_argument("--from", dest="source", required=True, choices=["reference", "timm", "transformers"])
     conv.add_argument("--checkpoint", required=True, help="a .pth/.pt/.bin/.safetensors file or a model folder")
     conv.add_argument("--output_dir", required=True)
+    conv.add_argument("--overwrite_output_dir", action="store_true", help="replace a model already in --output_dir")
     conv.add_argument("--task", default="auto", choices=["auto", "fcmae", "classification"],
                       help="auto: FCMAE checkpoints -> masked image modeling (with decoder), others -> classifier")
     conv.add_argument("--id2label", help="JSON file: a list of class names or an {index: name} object")
@@ -53,27 +108,29 @@ def main(argv: list[str] | None = None) -> None:
     conv.add_argument("--hub_model_id")
     conv.add_argument("--hub_token")
     conv.set_defaults(func=convert)
-
     exp = commands.add_parser("export", help=export.__doc__)
     exp.add_argument("--to", dest="layout", required=True, choices=["reference", "timm"])
     exp.add_argument("--model_name_or_path", required=True)
     exp.add_argument("--output", required=True, help="file to write (.pth for reference, .safetensors for timm)")
     exp.set_defaults(func=export)
+    commands.add_parser("demo", help="pre-train, fine-tune and report on a real data set, offline", add_help=False)
+    return parser
 
-    demo = commands.add_parser("demo", help="pre-train, fine-tune and report on a real data set, offline", add_help=False)
-    demo.set_defaults(func=None)
 
-    if argv is None:
-        argv = sys.argv[1:]
+def dispatch(argv: list[str]) -> None:
     if argv and argv[0] == "demo":  # the demo has its own parser (and --help)
         from .demo import main as run_demo
 
         run_demo(argv[1:])
         return
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
     args.func(args)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The `convnextv2-hf` console script; returns the exit code."""
+    return run_entry_point(dispatch, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,36 +146,56 @@ def rename(state_dict: StateDict, rules: list[Rule], source: str) -> StateDict:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def load_state_dict(path: str | os.PathLike) -> StateDict:
-    """Read a checkpoint without executing pickled code: safetensors directly, else `torch.load(weights_only=True)`.
-
-    Unwraps `{'model': ...}`, `{'state_dict': ...}` and `{'model_ema': ...}` containers and drops a DDP `module.`
-    prefix. A directory is read through its `model.safetensors` / `pytorch_model.bin`.
-    """
+def resolve_checkpoint_file(path: str | os.PathLike) -> Path:
+    """The weights file behind `path`: the file itself, or a folder's `model.safetensors` / `pytorch_model.bin`."""
     path = Path(path)
     if path.is_dir():
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (path / name).exists():
-                path = path / name
-                break
-        else:
-            raise FileNotFoundError(f"No model.safetensors or pytorch_model.bin in {path}.")
+                return path / name
+        raise FileNotFoundError(f"--checkpoint {str(path)!r} is a folder without model.safetensors or pytorch_model.bin.")
     if not path.exists():
-        raise FileNotFoundError(f"Checkpoint not found: {path}")
+        raise FileNotFoundError(f"--checkpoint {str(path)!r} does not exist.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"--checkpoint {str(path)!r} is empty (0 bytes); the download or copy did not finish.")
+    return path
+
+
+def read_checkpoint_file(path: Path):
+    """Safetensors directly, else `torch.load(weights_only=True)`: no pickled code ever runs."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as error:  # safetensors reports damage with several exception types
+            raise ValueError(f"--checkpoint {str(path)!r} is not a readable safetensors file ({error}).") from None
     # Reference training checkpoints also store their argparse arguments; allow that inert container only.
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            return torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
+            if "Weights only load failed" not in str(error):
+                raise ValueError(f"--checkpoint {str(path)!r} is not a PyTorch checkpoint ({error}).") from None
             raise ValueError(
                 f"{path} needs arbitrary Python objects to load, and loading it would execute pickled code, which "
                 f"this converter refuses. Re-save only its tensors (e.g. torch.save(ckpt['model'], 'weights.pth')) "
-                f"in a trusted environment. Details: {error}"
+                f"in a trusted environment. Details: {str(error).splitlines()[0]}"
             ) from None
+        except (EOFError, KeyError, RuntimeError, OSError) as error:
+            raise ValueError(f"--checkpoint {str(path)!r} is not a readable PyTorch checkpoint (damaged or another "
+                             f"format: {type(error).__name__} {str(error).splitlines()[0] if str(error) else ''}).") from None
+
+
+def load_state_dict(path: str | os.PathLike) -> StateDict:
+    """Read a checkpoint without executing pickled code: safetensors directly, else `torch.load(weights_only=True)`.
+
+    Unwraps `{'model': ...}`, `{'state_dict': ...}` and `{'model_ema': ...}` containers and drops a DDP `module.`
+    prefix. A directory is read through its `model.safetensors` / `pytorch_model.bin`. Damaged, empty or foreign
+    files raise a `ValueError` that names them.
+    """
+    path = resolve_checkpoint_file(path)
+    obj = read_checkpoint_file(path)
     for container in ("model", "state_dict", "model_ema"):
         if isinstance(obj, dict) and container in obj and isinstance(obj[container], dict):
             obj = obj[container]
@@ -182,6 +203,16 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors.")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def check_weights(state_dict: StateDict, source: str | os.PathLike) -> None:
+    """Every weight must be floating point and finite; the first offender is named."""
+    for key, tensor in state_dict.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{source}: weight {key} has dtype {tensor.dtype}; checkpoints hold floating-point weights "
+                             "(an integer tensor would be converted into nonsense).")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{source}: weight {key} holds NaN or infinite values; the checkpoint is damaged.")
 
 
 def detect_layout(state_dict: StateDict) -> str:
@@ -290,6 +321,7 @@ def convert_checkpoint(
     id2label: dict[int, str] | None = None,
     push_to_hub: bool = False,
     hub_model_id: str | None = None,
+    hub_token: str | None = None,
 ):
     """Convert a reference, timm or transformers checkpoint into our model; save it when `output_dir` is given.
 
@@ -300,6 +332,7 @@ def convert_checkpoint(
     if source not in LAYOUTS:
         raise ValueError(f"`source` must be one of {LAYOUTS}, got {source!r}.")
     foreign = load_state_dict(checkpoint)
+    check_weights(foreign, checkpoint)
     layout = detect_layout(foreign)
     if layout.split("_")[0] != source:
         raise ValueError(f"{checkpoint} looks like a {layout} checkpoint, not {source}.")
@@ -319,15 +352,29 @@ def convert_checkpoint(
         raise ValueError(f"id2label has {len(id2label)} labels but the checkpoint's head has {config.num_labels}.")
     model = build_model(ours, config, task)
     if output_dir is not None:
-        from .image_processing_convnextv2 import ConvNextV2ImageProcessor
-
-        model.save_pretrained(output_dir)
-        ConvNextV2ImageProcessor(mask_cell_size=config.mask_cell_size, mask_ratio=config.mask_ratio).save_pretrained(output_dir)
+        save_converted(model, config, output_dir)
         if push_to_hub:
             from .hub import push_folder_to_hub
 
-            push_folder_to_hub(output_dir, hub_model_id or Path(output_dir).name)
+            push_folder_to_hub(output_dir, hub_model_id or Path(output_dir).name, hub_token)
     return model
+
+
+def save_converted(model, config: ConvNextV2Config, output_dir: str | os.PathLike) -> None:
+    """Model and processor (at the config's image size) written into a staging folder that then replaces
+    `output_dir` whole: nothing of an earlier model there (weights, card, results) survives beside the new one."""
+    from .image_processing_convnextv2 import ConvNextV2ImageProcessor
+    from .training.checkpoints import publish
+
+    output_dir = Path(output_dir)
+    staged = output_dir.with_name(f".tmp-convert-{output_dir.name}")
+    if staged.exists():
+        shutil.rmtree(staged)
+    model.save_pretrained(staged)
+    processor = ConvNextV2ImageProcessor(size={"shortest_edge": config.image_size}, mask_cell_size=config.mask_cell_size,
+                                         mask_ratio=config.mask_ratio)
+    processor.save_pretrained(staged)
+    publish(staged, output_dir)
 
 
 def export_checkpoint(model, layout: str, output: str | os.PathLike) -> StateDict:

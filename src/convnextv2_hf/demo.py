@@ -187,7 +187,6 @@ def main(argv: list[str] | None = None) -> dict:
         args.seeds, args.pretrain_steps, args.finetune_epochs = 2, 40, 4
     if args.image_size % 8:
         raise ValueError("--image_size must be a multiple of 8 (the demo model's mask cell).")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from . import ConvNextV2ForMaskedImageModeling, ConvNextV2ImageProcessor
     from .analysis import feature_collapse
     from .training.reporting import save_curves

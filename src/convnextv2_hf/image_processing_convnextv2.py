@@ -16,6 +16,7 @@ import numpy as np
 import PIL.Image
 import torch
 from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.models.convnext.image_processing_pil_convnext import (
     ConvNextImageProcessorKwargs,
     ConvNextImageProcessorPil,
@@ -143,6 +144,8 @@ class ConvNextV2ImageProcessor(_ConvNextProcessor):
 
     valid_kwargs = ConvNextV2ImageProcessorKwargs
     size = {"shortest_edge": 224}
+    image_mean = IMAGENET_DEFAULT_MEAN  # the reference's normalisation (its scripts use ImageNet mean and std)
+    image_std = IMAGENET_DEFAULT_STD
     do_convert_rgb = True
     return_bool_masked_pos = False
     mask_ratio = 0.6

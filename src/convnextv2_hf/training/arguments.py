@@ -38,7 +38,8 @@ class ModelArguments:
 
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "FCMAE checkpoint, ConvNeXt V2 classifier checkpoint (ours or transformers'), or none for --model_preset"})
-    model_preset: str = field(default="atto", metadata={"help": "size of a new model: " + ", ".join(CONVNEXTV2_PRESETS)})
+    model_preset: str = field(default="base", metadata={
+        "help": "size of a new model (the reference scripts' default is base): " + ", ".join(CONVNEXTV2_PRESETS)})
     config_overrides: str | None = field(default=None, metadata={
         "help": 'config fields for a new model, e.g. "patch_size=2,use_grn=false,depths=[1,1,3,1]"'})
     image_processor_name: str | None = field(default=None, metadata={"help": "processor folder, if not the model's"})
@@ -80,13 +81,13 @@ class PretrainingArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "start over in an output folder with a run"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": 'a checkpoint folder, or "latest"'})
     mask_ratio: float | None = field(default=None, metadata={"help": "default: the model's config (0.6)"})
-    norm_pix_loss: bool = field(default=False, metadata={"help": "per-patch normalised targets"})
+    norm_pix_loss: bool = field(default=True, metadata={"help": "per-patch normalised targets (reference default)"})
     sparse_backend: Literal["dense", "gather", "minkowski"] | None = None
     sparse_grn_scope: Literal["batch", "sample"] | None = None
     mask_strategy: Literal["fcmae", "mixmae"] | None = None
     crop_min_scale: float = field(default=0.2, metadata={"help": "RandomResizedCrop lower scale"})
     streaming: bool = field(default=False, metadata={"help": "stream the dataset (needs --max_train_steps)"})
-    seed: int = 42
+    seed: int = 0
     per_device_train_batch_size: int = 64
     gradient_accumulation_steps: int = 1
     base_learning_rate: float = field(default=1.5e-4, metadata={"help": "lr = base x total batch / 256"})
@@ -102,8 +103,8 @@ class PretrainingArguments:
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward (less memory)"})
     checkpointing_steps: str | None = field(default=None, metadata={"help": 'an integer (every N steps) or "epoch"'})
-    checkpoints_total_limit: int | None = field(default=None, metadata={
-        "help": "keep this many newest checkpoints; older ones are deleted once a new one is complete"})
+    checkpoints_total_limit: int | None = field(default=3, metadata={
+        "help": "keep this many newest checkpoints (the reference keeps 3); older ones go once a new one is complete"})
     with_tracking: bool = field(default=False, metadata={"help": "log to --report_to"})
     report_to: str = "tensorboard"
     logging_steps: int = 10
@@ -134,11 +135,15 @@ class PretrainingArguments:
 class FinetuningArguments:
     """What fine-tuning adds to transformers' `TrainingArguments`: the reference fine-tuning recipe."""
 
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "start over in an output folder with a run"})
     train_val_split: float = field(default=0.15, metadata={"help": "held-out fraction when there is no validation set"})
     label_column_name: str | None = None
     max_eval_samples: int | None = None
     crop_min_scale: float = field(default=0.08, metadata={"help": "RandomResizedCrop lower scale for training"})
-    drop_path_rate: float = 0.1
+    base_learning_rate: float = field(default=5e-4, metadata={
+        "help": "without --learning_rate: lr = base x total batch / 256 (reference 5e-4)"})
+    warmup_epochs: float = field(default=20, metadata={"help": "linear warm-up, unless --warmup_steps is given"})
+    drop_path_rate: float = 0.0
     head_init_scale: float = field(default=0.001, metadata={"help": "a new head is initialised at std 0.02 x this"})
     layer_decay: float | None = field(default=None, metadata={"help": "layer-wise lr decay factor, e.g. 0.9"})
     layer_decay_type: Literal["single", "group"] = field(default="single", metadata={"help": "as in the reference"})
@@ -156,8 +161,18 @@ class FinetuningArguments:
         require(self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay", self.layer_decay, "in (0, 1]")
         require(0 < self.model_ema_decay < 1, "model_ema_decay", self.model_ema_decay, "between 0 and 1")
         require(0 <= self.mixup_switch_prob <= 1, "mixup_switch_prob", self.mixup_switch_prob, "in [0, 1]")
-        check_positive(self, "max_eval_samples", "head_init_scale")
+        check_positive(self, "max_eval_samples", "head_init_scale", "base_learning_rate")
+        check_positive(self, "warmup_epochs", allow_zero=True)
         check_positive(self, "mixup", "cutmix", allow_zero=True)
+
+
+# The reference `main_finetune.py` defaults, where transformers' `TrainingArguments` has others of its own.
+# `learning_rate` stays unset so that `base_learning_rate` scales with the batch, as in the reference.
+REFERENCE_TRAINER_DEFAULTS = dict(
+    per_device_train_batch_size=64, num_train_epochs=100, learning_rate=None, weight_decay=0.05,
+    lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": 1e-6}, label_smoothing_factor=0.1,
+    seed=0, eval_strategy="epoch", save_strategy="epoch", save_total_limit=3,
+)
 
 
 # --------------------------------------------------------------------------------------------- config overrides

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import PIL.Image
 import torch
+from torch.utils.data import Dataset as TorchDataset
 
 from ..image_processing_convnextv2 import to_rgb
 
@@ -71,3 +72,24 @@ def denormalize(pixel_values: torch.Tensor, mean, std) -> torch.Tensor:
     mean = torch.tensor(mean, dtype=pixel_values.dtype).view(1, 3, 1, 1)
     std = torch.tensor(std, dtype=pixel_values.dtype).view(1, 3, 1, 1)
     return (pixel_values * std + mean).clamp(0, 1)
+
+
+class SeededAugmentedDataset(TorchDataset):
+    """Labelled images for fine-tuning, each augmented with randomness seeded from (seed, epoch, index), so a resumed
+    run sees the same crops and flips as an uninterrupted one. `set_epoch` is called as each epoch starts."""
+
+    def __init__(self, dataset, image_column: str, label_column: str, transform, seed: int, decode):
+        self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
+        self.transform, self.seed, self.decode, self.epoch = transform, seed, decode, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.dataset[index]
+        generator = sample_generator(self.seed, self.epoch, index)
+        return {"pixel_values": self.transform(self.decode(row[self.image_column]), generator),
+                "labels": row[self.label_column], "sample_index": index, "epoch": self.epoch}

@@ -16,18 +16,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 from ..hub import ensure_hub_available, push_folder_to_hub
 from ..metrics import metric_path
 from . import data as data_utils
-from .arguments import DataArguments, FinetuningArguments, ModelArguments
-from .augmentation import PretrainTransform
-from .ema import EMACallback
-from .mixup import MixingTrainer, MixupCutmixCollator
+from .arguments import REFERENCE_TRAINER_DEFAULTS, DataArguments, FinetuningArguments, ModelArguments
+from .augmentation import PretrainTransform, SeededAugmentedDataset
+from .checkpoints import TRAINER_MARKER, find_checkpoint, remove_staging_leftovers, save_folder_atomically
+from .mixup import MixupCutmixCollator
 from .models import init_head_small, load_classifier, training_processor
 from .optim import create_optimizer
+from .output_dir import OutputDirLock, check_output_dir, checkpoint_bytes
 from .reporting import CardInfo, accuracy_eval_results, save_curves, save_model_card
+from .trainer import (
+    EMACallback,
+    EpochCallback,
+    FinetuningTrainer,
+    MixingFinetuningTrainer,
+    finished_run,
+    seed_before_the_model,
+    steps_per_epoch,
+    total_train_batch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +57,7 @@ class LabelledData:
 def parse_args(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, FinetuningArguments, TrainingArguments),
                               description="Fine-tune a ConvNeXt V2 image classifier with the Trainer.")
+    parser.set_defaults(**REFERENCE_TRAINER_DEFAULTS)
     return parser.parse_args_into_dataclasses(args=argv)
 
 
@@ -63,21 +75,53 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: Finetuning
     if push:  # fail before any work; the Trainer's own push is replaced by ours (model, processor, card)
         ensure_hub_available("push the fine-tuned model (--push_to_hub)", training_args.hub_token)
         training_args.push_to_hub = False
+    resume = claim_output_dir(training_args, recipe)
+    if resume and (results := finished_run(resume, training_args.output_dir)) is not None:
+        logger.warning("%s is the last step of a finished run; its results stay as they are.", resume)
+        return results
     data = load_labelled_data(data_args, recipe, training_args)
+    seed_before_the_model(training_args)
     model, new_head = load_classifier(model_args, recipe, data.labels)
     if new_head:
         init_head_small(model, recipe.head_init_scale)
+    check_output_dir(training_args.output_dir, "--output_dir", resume=True, overwrite=True,
+                     needed_bytes=checkpoint_bytes(model.num_parameters()))
     processor = training_processor(model_args.image_processor_name or model_args.model_name_or_path,
                                    model_args.image_size, model.config.mask_cell_size)
-    attach_transforms(data, processor, model_args, recipe, data_args)
-    trainer, ema = build_trainer(model, data, recipe, training_args)
-    metrics = train_and_evaluate(trainer, ema, training_args, data)
+    complete_schedule(training_args, recipe, len(data.train))
+    attach_transforms(data, processor, model_args, recipe, data_args, training_args.seed)
+    trainer = build_trainer(model, data, recipe, training_args)
+    metrics = train_and_evaluate(trainer, resume, data)
     if trainer.is_world_process_zero():
-        save_outputs(trainer, ema, processor, metrics, data, model_args, data_args, recipe, training_args)
+        save_outputs(trainer, processor, metrics, data, model_args, data_args, recipe, training_args)
         if push:
             push_folder_to_hub(training_args.output_dir, training_args.hub_model_id or Path(training_args.output_dir).name,
                                training_args.hub_token)
     return metrics
+
+
+def claim_output_dir(training_args, recipe: FinetuningArguments) -> str | None:
+    """Check and lock the output folder; returns the checkpoint to resume from (`latest` resolved), if any."""
+    requested = training_args.resume_from_checkpoint
+    if training_args.process_index == 0:
+        check_output_dir(training_args.output_dir, "--output_dir", resume=bool(requested),
+                         overwrite=recipe.overwrite_output_dir)
+        OutputDirLock(training_args.output_dir)
+        remove_staging_leftovers(training_args.output_dir)
+    if not requested:
+        return None
+    resolved = find_checkpoint(training_args.output_dir, requested, TRAINER_MARKER)
+    training_args.resume_from_checkpoint = resolved
+    return resolved
+
+
+def complete_schedule(training_args, recipe: FinetuningArguments, num_samples: int) -> None:
+    """The reference's learning rate (`base_learning_rate` x total batch / 256) and warm-up in epochs, where the
+    command line did not give `--learning_rate` or `--warmup_steps`."""
+    if training_args.learning_rate is None:
+        training_args.learning_rate = recipe.base_learning_rate * total_train_batch(training_args) / 256
+    if not training_args.warmup_steps and recipe.warmup_epochs:
+        training_args.warmup_steps = int(recipe.warmup_epochs * steps_per_epoch(num_samples, training_args))
 
 
 def load_labelled_data(data_args: DataArguments, recipe: FinetuningArguments, training_args) -> LabelledData:
@@ -126,22 +170,21 @@ def checked_images(train, evaluation, image_column: str, data_args: DataArgument
     return train, evaluation, skipped
 
 
-def attach_transforms(data: LabelledData, processor, model_args, recipe, data_args) -> None:
-    """Training: RandomResizedCrop + flip; evaluation: the processor (what a pipeline does at serving time)."""
+def attach_transforms(data: LabelledData, processor, model_args, recipe, data_args, seed: int) -> None:
+    """Training: RandomResizedCrop + flip seeded per sample; evaluation: the processor (what a pipeline does)."""
     train_transform = PretrainTransform(model_args.image_size, processor.image_mean, processor.image_std,
                                         scale=(recipe.crop_min_scale, 1.0))
 
-    def train_batch(batch):
-        images = [data_utils.decode_image(cell, data_args.max_image_pixels) for cell in batch[data.image_column]]
-        return {"pixel_values": [train_transform(image, None) for image in images], "labels": batch[data.label_column]}
+    def decode(cell):
+        return data_utils.decode_image(cell, data_args.max_image_pixels)
 
     def eval_batch(batch):
-        images = [data_utils.decode_image(cell, data_args.max_image_pixels) for cell in batch[data.image_column]]
+        images = [decode(cell) for cell in batch[data.image_column]]
         return {"pixel_values": list(processor(images, return_tensors="pt")["pixel_values"]),
                 "labels": batch[data.label_column]}
 
-    data.train.set_transform(train_batch)
     data.evaluation.set_transform(eval_batch)
+    data.train = SeededAugmentedDataset(data.train, data.image_column, data.label_column, train_transform, seed, decode)
 
 
 def collate(examples):
@@ -150,7 +193,7 @@ def collate(examples):
 
 
 def build_trainer(model, data: LabelledData, recipe: FinetuningArguments, training_args):
-    """A `Trainer` (or the soft-label one for mixup/cutmix) with the recipe's optimizer, metrics and EMA."""
+    """The crash-safe `Trainer` (or its soft-label twin for mixup/cutmix) with the recipe's optimizer, metrics, EMA."""
     import evaluate
 
     metric = evaluate.load(metric_path("topk_accuracy"))
@@ -161,22 +204,27 @@ def build_trainer(model, data: LabelledData, recipe: FinetuningArguments, traini
     training_args.remove_unused_columns = False
     ema = EMACallback(model, recipe.model_ema_decay) if recipe.model_ema else None
     common = dict(model=model, args=training_args, train_dataset=data.train, eval_dataset=data.evaluation,
-                  compute_metrics=compute_metrics, callbacks=[ema] if ema else [],
+                  compute_metrics=compute_metrics, callbacks=[EpochCallback(data.train)] + ([ema] if ema else []),
                   optimizers=(create_optimizer(model, training_args, recipe.layer_decay, recipe.layer_decay_type), None))
     if recipe.mixup > 0 or recipe.cutmix > 0:
         collator = MixupCutmixCollator(len(data.labels), recipe.mixup, recipe.cutmix, recipe.mixup_switch_prob,
-                                       training_args.label_smoothing_factor)
+                                       training_args.label_smoothing_factor, seed=training_args.seed)
         training_args.label_smoothing_factor = 0.0  # folded into the soft labels
-        return MixingTrainer(data_collator=collator, eval_collator=collate, **common), ema
-    return Trainer(data_collator=collate, **common), ema
+        trainer = MixingFinetuningTrainer(data_collator=collator, eval_collator=collate, **common)
+    else:
+        trainer = FinetuningTrainer(data_collator=collate, **common)
+    trainer.ema = ema
+    return trainer
 
 
-def train_and_evaluate(trainer, ema, training_args, data: LabelledData) -> dict:
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+def train_and_evaluate(trainer, resume: str | None, data: LabelledData) -> dict:
+    if resume and trainer.ema is not None:
+        trainer.ema.load(resume)
+    train_result = trainer.train(resume_from_checkpoint=resume)
     metrics = trainer.evaluate()
-    if ema is not None:
+    if trainer.ema is not None:
         model = trainer.model
-        trainer.model = trainer.model_wrapped = ema.ema.module
+        trainer.model = trainer.model_wrapped = trainer.ema.ema.module
         metrics.update(trainer.evaluate(metric_key_prefix="eval_ema"))
         trainer.model = trainer.model_wrapped = model
     metrics["train_loss"] = train_result.training_loss
@@ -185,14 +233,18 @@ def train_and_evaluate(trainer, ema, training_args, data: LabelledData) -> dict:
     return metrics
 
 
-def save_outputs(trainer, ema, processor, metrics, data: LabelledData, model_args, data_args, recipe, training_args):
+def save_outputs(trainer, processor, metrics, data: LabelledData, model_args, data_args, recipe, training_args):
     """The pipeline-ready folder: model, processor, EMA copy, curves, card, results and log history."""
-    output_dir = training_args.output_dir
-    trainer.save_model(output_dir)
-    processor.save_pretrained(output_dir)
-    if ema is not None:
-        ema.ema.module.save_pretrained(os.path.join(output_dir, "ema"))
-        processor.save_pretrained(os.path.join(output_dir, "ema"))
+    output_dir, ema = training_args.output_dir, trainer.ema
+
+    def write(folder: Path) -> None:
+        trainer.model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        if ema is not None:
+            ema.ema.module.save_pretrained(folder / "ema")
+            processor.save_pretrained(folder / "ema")
+
+    save_folder_atomically(output_dir, write, "the fine-tuned model", TRAINER_MARKER)
     history = trainer.state.log_history
     plots = save_finetuning_curves(history, output_dir)
     smoothing = getattr(trainer.data_collator, "label_smoothing", training_args.label_smoothing_factor)

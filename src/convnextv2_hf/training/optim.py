@@ -12,9 +12,13 @@ _DOWNSAMPLE = re.compile(r"(^|\.)encoder\.stages\.(\d+)\.downsampling_layer\.")
 _BLOCK = re.compile(r"(^|\.)encoder\.stages\.(\d+)\.layers\.(\d+)\.")
 
 
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """Biases, norms (1-D), GRN gamma/beta and the mask token are not decayed."""
-    return param.ndim <= 1 or name.endswith(".bias") or ".grn." in name or name.endswith("mask_token")
+def no_weight_decay(name: str, param: torch.Tensor, recipe: str = "finetune") -> bool:
+    """Which parameters the reference leaves undecayed: in pre-training (timm's `add_weight_decay` in
+    `main_pretrain.py`) 1-D parameters (norms) and biases; in fine-tuning (`optim_factory.get_parameter_groups`)
+    also the GRN gamma and beta."""
+    if recipe not in ("pretrain", "finetune"):
+        raise ValueError(f"recipe must be 'pretrain' or 'finetune', got {recipe!r}")
+    return param.ndim <= 1 or name.endswith(".bias") or (recipe == "finetune" and ".grn." in name)
 
 
 def layer_id(name: str, depths: list[int], mode: str = "single") -> int:
@@ -54,11 +58,13 @@ def param_groups(
     layer_decay: float | None = None,
     layer_decay_mode: str = "single",
     learning_rate: float | None = None,
+    recipe: str = "finetune",
 ) -> list[dict]:
     """Parameter groups for `torch.optim` optimizers.
 
-    Without `layer_decay` there are two groups (decayed / not decayed). With it, each layer id gets the scale
-    `layer_decay ** (num_layers + 1 - id)`; groups carry `lr_scale` and, when `learning_rate` is given, `lr`.
+    Without `layer_decay` there are two groups (decayed / not decayed, see [`no_weight_decay`] for `recipe`). With
+    it, each layer id gets the scale `layer_decay ** (num_layers + 1 - id)`; groups carry `lr_scale` and, when
+    `learning_rate` is given, `lr`.
 
     Example:
 
@@ -75,7 +81,7 @@ def param_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decay = not no_weight_decay(name, param)
+        decay = not no_weight_decay(name, param, recipe)
         lid = layer_id(name, depths, layer_decay_mode) if layer_decay is not None else 0
         key = (lid, decay)
         if key not in groups:

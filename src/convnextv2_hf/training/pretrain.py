@@ -69,12 +69,24 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: PretrainingA
     check_free_space(args, model, accelerator)
     fcmae_run = prepare_run(accelerator, model, processor, data, model_args, data_args, args)
     state = resume(fcmae_run, args.resume_from_checkpoint) if args.resume_from_checkpoint else TrainingState()
+    if (results := finished_run(state, fcmae_run.plan, args.output_dir)) is not None:
+        logger.warning("The checkpoint is the last step of a finished run; its results stay as they are.")
+        return results
     start_reporting(fcmae_run, state, processor)
     state = train(fcmae_run, state)
     fcmae_run.progress.close()
     if args.with_tracking:
         accelerator.end_training()
     return finish(fcmae_run, state, data, processor, model_args, data_args)
+
+
+def finished_run(state: TrainingState, plan: TrainingPlan, output_dir: str) -> dict | None:
+    """The saved summary, if resuming at the last step of a run whose results are already written."""
+    results = Path(output_dir, "train_results.json")
+    if state.completed_steps < plan.max_train_steps or not results.is_file():
+        return None
+    saved = json.loads(results.read_text())
+    return saved | {"history": saved.pop("loss_history", [])}
 
 
 def build_accelerator(args: PretrainingArguments):
@@ -162,7 +174,7 @@ def prepare_run(accelerator, model, processor, data: PretrainingData, model_args
         eval_loader = DataLoader(evaluation, batch_size=args.per_device_train_batch_size, collate_fn=collate)
     learning_rate = TrainingPlan.learning_rate_for(args, accelerator.num_processes)
     optimizer = torch.optim.AdamW(
-        [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, args.weight_decay)],
+        [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, args.weight_decay, recipe="pretrain")],
         lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
     )
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)

@@ -1,0 +1,116 @@
+"""The fine-tuning `Trainer`: checkpoints as crash-safe as pre-training's, with the EMA weights inside them.
+
+A checkpoint is written into a staging folder and renamed, so `checkpoint-N` exists only when complete; old ones are
+rotated away only after that; a full disk is reported in one line with the newest complete checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback
+
+from .checkpoints import STAGING_PREFIX, TRAINER_MARKER, failed_write_kept_out, publish, rotate_checkpoints
+from .mixup import MixingTrainer
+
+EMA_WEIGHTS = "ema.safetensors"
+
+
+class EMACallback(TrainerCallback):
+    """Exponential moving average of the weights (the reference's `--model_ema`), updated after every optimizer
+    step; saved inside every checkpoint and restored with it."""
+
+    def __init__(self, model, decay: float):
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.ema.update_parameters(model)
+
+    def save(self, folder: str | os.PathLike) -> None:
+        save_file({k: v.detach().contiguous() for k, v in self.ema.state_dict().items()}, str(Path(folder, EMA_WEIGHTS)))
+
+    def load(self, folder: str | os.PathLike) -> None:
+        path = Path(folder, EMA_WEIGHTS)
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} holds no EMA weights ({EMA_WEIGHTS}); it was written without --model_ema.")
+        self.ema.load_state_dict(load_file(str(path)))
+
+
+class EpochCallback(TrainerCallback):
+    """Tells a dataset with `set_epoch` which epoch is starting, so per-sample augmentation can be seeded by it."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(state.epoch + 1e-9))
+
+
+class CrashSafeCheckpoints:
+    """Mixin for `Trainer` classes: staged, renamed checkpoints with the EMA weights inside."""
+
+    ema: EMACallback | None = None
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir, name = self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}"
+        staging = Path(run_dir, f"{STAGING_PREFIX}trainer")
+        output_dir, limit = self.args.output_dir, self.args.save_total_limit
+        with failed_write_kept_out(staging, name, run_dir, TRAINER_MARKER):
+            self.args.output_dir, self.args.save_total_limit = str(staging), None  # the Trainer writes here
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir, self.args.save_total_limit = output_dir, limit
+            if self.args.should_save:
+                self._finish_staged(staging / name, Path(run_dir, name))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            rotate_checkpoints(run_dir, limit, TRAINER_MARKER, protect=self.state.best_model_checkpoint)
+
+    def _finish_staged(self, staged: Path, final: Path) -> None:
+        if self.ema is not None:
+            self.ema.save(staged)
+        best = self.state.best_model_checkpoint
+        if best and Path(best).parent == staged.parent:  # the Trainer named the staging path as the best one
+            self.state.best_model_checkpoint = str(final)
+            self.state.save_to_json(str(staged / TRAINER_MARKER))
+        publish(staged, final)
+        if not any(staged.parent.iterdir()):
+            staged.parent.rmdir()
+
+
+class FinetuningTrainer(CrashSafeCheckpoints, Trainer):
+    pass
+
+
+class MixingFinetuningTrainer(CrashSafeCheckpoints, MixingTrainer):
+    pass
+
+
+def finished_run(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> dict | None:
+    """The saved results, if `checkpoint` is the last step of a run whose results are already written."""
+    state = json.loads(Path(checkpoint, TRAINER_MARKER).read_text())
+    results = Path(output_dir, "all_results.json")
+    if state.get("max_steps") and state["global_step"] >= state["max_steps"] and results.is_file():
+        return json.loads(results.read_text())
+    return None
+
+
+def total_train_batch(training_args) -> int:
+    return training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
+
+
+def steps_per_epoch(num_samples: int, training_args) -> int:
+    return max(1, -(-num_samples // total_train_batch(training_args)))
+
+
+def seed_before_the_model(training_args) -> None:
+    """The Trainer seeds only when it is built, after a new head was drawn; seed first, as the reference does."""
+    from transformers import set_seed
+
+    set_seed(training_args.seed)
