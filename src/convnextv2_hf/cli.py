@@ -64,11 +64,11 @@ def convert(args: argparse.Namespace) -> None:
     if args.push_to_hub:
         ensure_hub_available("push the converted model", args.hub_token)
     check_output_dir(args.output_dir, "--output_dir", overwrite=args.overwrite_output_dir)
-    OutputDirLock(args.output_dir)
-    model = convert_checkpoint(
-        args.checkpoint, args.source, args.output_dir, task=args.task, id2label=read_id2label(args.id2label),
-        push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, hub_token=args.hub_token,
-    )
+    with OutputDirLock(args.output_dir):
+        model = convert_checkpoint(
+            args.checkpoint, args.source, args.output_dir, task=args.task, id2label=read_id2label(args.id2label),
+            push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, hub_token=args.hub_token,
+        )
     config = model.config
     print(f"{type(model).__name__}: depths {config.depths}, widths {config.hidden_sizes}, "
           f"{model.num_parameters() / 1e6:.2f} M parameters -> {args.output_dir}")

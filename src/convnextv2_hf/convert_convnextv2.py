@@ -170,6 +170,11 @@ def read_checkpoint_file(path: Path):
             return load_file(str(path))
         except Exception as error:  # safetensors reports damage with several exception types
             raise ValueError(f"--checkpoint {str(path)!r} is not a readable safetensors file ({error}).") from None
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive; old files are pickles
+        raise ValueError(f"--checkpoint {str(path)!r} is not a PyTorch checkpoint (neither a zip archive nor a pickle); "
+                         "pass the .pth/.pt/.bin/.safetensors file the weights were saved to.")
     # Reference training checkpoints also store their argparse arguments; allow that inert container only.
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
@@ -183,8 +188,9 @@ def read_checkpoint_file(path: Path):
                 f"in a trusted environment. Details: {str(error).splitlines()[0]}"
             ) from None
         except (EOFError, KeyError, RuntimeError, OSError) as error:
-            raise ValueError(f"--checkpoint {str(path)!r} is not a readable PyTorch checkpoint (damaged or another "
-                             f"format: {type(error).__name__} {str(error).splitlines()[0] if str(error) else ''}).") from None
+            detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(f"--checkpoint {str(path)!r} is not a readable PyTorch checkpoint: the file is damaged or "
+                             f"truncated ({detail}).") from None
 
 
 def load_state_dict(path: str | os.PathLike) -> StateDict:

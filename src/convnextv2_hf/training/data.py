@@ -215,6 +215,25 @@ def drop_unreadable(dataset: Dataset | IterableDataset, image_column: str, max_p
     return kept, len(dataset) - len(kept)
 
 
+def check_headers(dataset: Dataset, image_column: str, max_pixels: int = 178_956_970) -> None:
+    """Open every image's header (cheap: no pixels are decoded), so that files that are not images at all, or far
+    too large, are named before training rather than hours into it."""
+    from tqdm.auto import tqdm
+
+    for record in tqdm(dataset[image_column], desc="Checking image headers", disable=len(dataset) < 10_000):
+        path = record.get("path") if isinstance(record, dict) else None
+        try:
+            source = io.BytesIO(record["bytes"]) if isinstance(record, dict) and record.get("bytes") else path
+            with PIL.Image.open(source) as image:
+                size = image.size
+        except Exception as error:
+            raise UnreadableImageError(f"Cannot read image {path or '<in-memory bytes>'}: {error}. Remove the file or "
+                                       "pass --skip_corrupt_images.") from None
+        if size[0] * size[1] > max_pixels:
+            raise UnreadableImageError(f"Image {path} is {size[0]}x{size[1]} px, more than the decompression guard "
+                                       f"allows ({max_pixels} px); shrink it, or raise --max_image_pixels.")
+
+
 def check_readable(dataset: Dataset, image_column: str, max_pixels: int = 178_956_970) -> None:
     """Decode every image once before training, so a bad file fails now (naming it), not after hours of training."""
     for record in dataset[image_column]:

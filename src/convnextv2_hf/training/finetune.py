@@ -9,6 +9,7 @@ package, so they work offline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -75,7 +76,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: Finetuning
     if push:  # fail before any work; the Trainer's own push is replaced by ours (model, processor, card)
         ensure_hub_available("push the fine-tuned model (--push_to_hub)", training_args.hub_token)
         training_args.push_to_hub = False
-    resume = claim_output_dir(training_args, recipe)
+    lock, resume = claim_output_dir(training_args, recipe)
+    with lock:
+        return finetune(model_args, data_args, recipe, training_args, resume, push)
+
+
+def finetune(model_args, data_args, recipe, training_args, resume: str | None, push: bool) -> dict:
+    """The run itself, in an output folder this process holds."""
     if resume and (results := finished_run(resume, training_args.output_dir)) is not None:
         logger.warning("%s is the last step of a finished run; its results stay as they are.", resume)
         return results
@@ -100,19 +107,20 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: Finetuning
     return metrics
 
 
-def claim_output_dir(training_args, recipe: FinetuningArguments) -> str | None:
-    """Check and lock the output folder; returns the checkpoint to resume from (`latest` resolved), if any."""
-    requested = training_args.resume_from_checkpoint
+def claim_output_dir(training_args, recipe: FinetuningArguments):
+    """Check and lock the output folder; returns the lock (a context manager) and the checkpoint to resume from
+    (`latest` resolved), if any."""
+    requested, lock = training_args.resume_from_checkpoint, contextlib.nullcontext()
     if training_args.process_index == 0:
         check_output_dir(training_args.output_dir, "--output_dir", resume=bool(requested),
                          overwrite=recipe.overwrite_output_dir)
-        OutputDirLock(training_args.output_dir)
+        lock = OutputDirLock(training_args.output_dir).__enter__()
         remove_staging_leftovers(training_args.output_dir)
     if not requested:
-        return None
+        return lock, None
     resolved = find_checkpoint(training_args.output_dir, requested, TRAINER_MARKER)
     training_args.resume_from_checkpoint = resolved
-    return resolved
+    return lock, resolved
 
 
 def complete_schedule(training_args, recipe: FinetuningArguments, num_samples: int) -> None:
@@ -164,6 +172,7 @@ def checked_images(train, evaluation, image_column: str, data_args: DataArgument
             if skipped:
                 logger.warning("Skipped %d unreadable image(s).", skipped)
         else:
+            data_utils.check_headers(train, image_column, data_args.max_image_pixels)
             data_utils.check_readable(evaluation, image_column, data_args.max_image_pixels)
     data_utils.check_not_empty(train, "train")
     data_utils.check_not_empty(evaluation, "evaluation")

@@ -63,36 +63,42 @@ def process_alive(pid: int) -> bool:
 
 
 class OutputDirLock:
-    """A lock file naming the process that owns the folder; released at exit. A stale lock (dead process on this
-    host) is taken over; a live one is an error."""
+    """A lock file naming the process that owns the folder, as a context manager (also released at exit). A lock
+    left by a dead process on this host, or by this process's own earlier run, is taken over; a live one is an error.
+    """
 
     def __init__(self, folder: str | os.PathLike, flag: str = "--output_dir"):
-        self.path = Path(folder) / LOCK_NAME
+        self.path, self.flag = Path(folder) / LOCK_NAME, flag
+
+    def __enter__(self) -> "OutputDirLock":
         owner = {"pid": os.getpid(), "host": socket.gethostname()}
         for _ in range(2):
             try:
                 handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                self._take_over_if_stale(flag)
+                self._take_over_if_stale()
                 continue
             with os.fdopen(handle, "w") as out:
                 json.dump(owner, out)
             atexit.register(self.release)
-            return
-        raise OutputDirError(f"Could not lock {flag} {str(folder)!r}.")
+            return self
+        raise OutputDirError(f"Could not lock {self.flag} {str(self.path.parent)!r}.")
 
-    def _take_over_if_stale(self, flag: str) -> None:
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _take_over_if_stale(self) -> None:
         try:
             owner = json.loads(self.path.read_text() or "{}")
         except (OSError, ValueError):
             owner = {}
-        same_host = owner.get("host") == socket.gethostname()
-        if same_host and owner.get("pid") and process_alive(int(owner["pid"])):
-            raise OutputDirError(f"{flag} {str(self.path.parent)!r} is in use by another run (process {owner['pid']}); "
+        same_host, pid = owner.get("host") == socket.gethostname(), owner.get("pid")
+        if same_host and pid and pid != os.getpid() and process_alive(int(pid)):
+            raise OutputDirError(f"{self.flag} {str(self.path.parent)!r} is in use by another run (process {pid}); "
                                  "wait for it to finish or choose another folder.")
         if owner and not same_host:
-            raise OutputDirError(f"{flag} {str(self.path.parent)!r} is locked by a run on {owner.get('host')}; if that "
-                                 f"run is gone, delete {self.path}.")
+            raise OutputDirError(f"{self.flag} {str(self.path.parent)!r} is locked by a run on {owner.get('host')}; if "
+                                 f"that run is gone, delete {self.path}.")
         self.path.unlink(missing_ok=True)
 
     def release(self) -> None:

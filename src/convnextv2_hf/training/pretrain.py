@@ -8,6 +8,7 @@ warm-up, RandomResizedCrop(scale 0.2-1) + flip, normalised pixel targets.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -63,18 +64,25 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: PretrainingA
         ensure_hub_available("push the pre-trained model (--push_to_hub)", args.hub_token)
     accelerator = build_accelerator(args)
     set_seed(args.seed)
-    claim_output_dir(args, accelerator)
-    data = load_data(data_args, args, accelerator)
-    model, processor = build_fcmae(model_args, args)
+    with claim_output_dir(args, accelerator):
+        return pretrain(accelerator, model_args, data_args, args)
+
+
+def pretrain(accelerator, model_args: ModelArguments, data_args: DataArguments, args: PretrainingArguments) -> dict:
+    """The run itself, in an output folder this process holds."""
+    model, processor = build_fcmae(model_args, args)  # before the data: its size checks are cheaper
     check_free_space(args, model, accelerator)
+    data = load_data(data_args, args, accelerator)
     fcmae_run = prepare_run(accelerator, model, processor, data, model_args, data_args, args)
     state = resume(fcmae_run, args.resume_from_checkpoint) if args.resume_from_checkpoint else TrainingState()
     if (results := finished_run(state, fcmae_run.plan, args.output_dir)) is not None:
         logger.warning("The checkpoint is the last step of a finished run; its results stay as they are.")
         return results
     start_reporting(fcmae_run, state, processor)
-    state = train(fcmae_run, state)
-    fcmae_run.progress.close()
+    try:
+        state = train(fcmae_run, state)
+    finally:
+        fcmae_run.progress.close()  # an error message then starts on a line of its own
     if args.with_tracking:
         accelerator.end_training()
     return finish(fcmae_run, state, data, processor, model_args, data_args)
@@ -109,13 +117,16 @@ def use_cpu_processes() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def claim_output_dir(args: PretrainingArguments, accelerator) -> None:
+def claim_output_dir(args: PretrainingArguments, accelerator):
+    """Check the output folder and lock it (main process); a context manager for the rest of the run."""
+    lock = contextlib.nullcontext()
     if accelerator.is_main_process:
         check_output_dir(args.output_dir, "--output_dir", resume=bool(args.resume_from_checkpoint),
                          overwrite=args.overwrite_output_dir)
-        OutputDirLock(args.output_dir)
+        lock = OutputDirLock(args.output_dir).__enter__()
         remove_staging_leftovers(args.output_dir)
     accelerator.wait_for_everyone()
+    return lock
 
 
 def check_free_space(args: PretrainingArguments, model, accelerator) -> None:
@@ -148,8 +159,10 @@ def load_data(data_args: DataArguments, args: PretrainingArguments, accelerator)
                        for name, split in splits.items()}
             splits = {name: result[0] for name, result in results.items()}
             skipped = sum(result[1] or 0 for result in results.values()) if not args.streaming else None
-        elif "validation" in splits and not args.streaming:
-            data_utils.check_readable(splits["validation"], image_column, data_args.max_image_pixels)
+        elif not args.streaming:
+            data_utils.check_headers(splits["train"], image_column, data_args.max_image_pixels)
+            if "validation" in splits:
+                data_utils.check_readable(splits["validation"], image_column, data_args.max_image_pixels)
     for name, split in splits.items():
         data_utils.check_not_empty(split, name)
     return PretrainingData(splits["train"], splits.get("validation"), image_column, skipped, ignored)
