@@ -11,7 +11,8 @@ import socket
 from pathlib import Path
 
 LOCK_NAME = ".convnextv2-hf.lock"
-RUN_FILES = ("model.safetensors", "pytorch_model.bin", "config.json", "train_results.json", "all_results.json")
+RUN_FILES = ("model.safetensors", "pytorch_model.bin", "config.json", "train_results.json", "all_results.json",
+             "results.json")  # the last one: a demo's report
 
 
 class OutputDirError(ValueError):

@@ -66,12 +66,18 @@ def save_reconstruction_grid(model, pixel_values: torch.Tensor, path: str, mean,
 
 
 def save_curves(curves: dict[str, tuple[list[float], list[float]]], path: str, title: str, xlabel: str = "step",
-                ylabel: str = "loss", bands: dict[str, tuple[list[float], list[float]]] | None = None):
+                ylabel: str = "loss", bands: dict[str, tuple[list[float], list[float]]] | None = None,
+                logx: bool = False):
     """PNG of one or more named (x, y) curves; `bands` optionally adds (low, high) shading per curve."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5) if logx else (6, 4))
+    if logx:
+        xs = sorted({x for xs, _ in curves.values() for x in xs})
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.minorticks_off()
     for name, (xs, ys) in curves.items():
-        line = ax.plot(xs, ys, label=name)[0]
+        line = ax.plot(xs, ys, label=name, marker="o" if logx else None, markersize=3)[0]
         if bands and name in bands:
             low, high = bands[name]
             ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
@@ -80,7 +86,7 @@ def save_curves(curves: dict[str, tuple[list[float], list[float]]], path: str, t
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if len(curves) > 1:
-        ax.legend()
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
