@@ -107,10 +107,27 @@ class TransformersDefaults:
         self.model_tester = self.make_tester()
 
 
-class ConvNextV2HiddenStates:
-    """As transformers' own ConvNeXt V2 tests check hidden states: stem plus one map per stage, the stem at 1/4."""
+class ConvNextV2ModelChecks:
+    """What transformers' own ConvNeXt V2 tests change in the common checks: no embeddings or feed-forward chunking
+    to test, and hidden states checked as the stem plus one map per stage, the stem at 1/4."""
 
+    test_resize_embeddings = False
+    has_attentions = False
+    test_torch_exportable = True
     expected_batch = 1
+
+    @unittest.skip(reason="ConvNeXt V2 has no input embeddings (as in transformers' own ConvNeXt V2 tests)")
+    def test_inputs_embeds(self):
+        pass
+
+    @unittest.skip(reason="ConvNeXt V2 has no input embeddings (as in transformers' own ConvNeXt V2 tests)")
+    def test_model_get_set_embeddings(self):
+        pass
+
+    @unittest.skip(reason="ConvNeXt V2 has no feed-forward chunking (as in transformers' own ConvNeXt V2 tests)")
+    def test_feed_forward_chunking(self):
+        pass
+
 
     def test_hidden_states_output(self):
         config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
@@ -128,13 +145,10 @@ class ConvNextV2HiddenStates:
                                                                 tester.image_size // 4])
 
 
-class ConvNextV2CommonTest(TransformersDefaults, ConvNextV2HiddenStates, ModelTesterMixin, PipelineTesterMixin,
+class ConvNextV2CommonTest(TransformersDefaults, ConvNextV2ModelChecks, ModelTesterMixin, PipelineTesterMixin,
                           unittest.TestCase):
     all_model_classes = (ConvNextV2Model, ConvNextV2ForImageClassification, ConvNextV2Backbone)
     pipeline_model_mapping = PIPELINE_CLASSES
-    test_resize_embeddings = False
-    has_attentions = False
-    test_torch_exportable = True
 
     def make_tester(self):
         self.config_tester = ConfigTester(self, config_class=ConvNextV2Config, has_text_modality=False, hidden_size=37,
@@ -143,18 +157,6 @@ class ConvNextV2CommonTest(TransformersDefaults, ConvNextV2HiddenStates, ModelTe
 
     def test_config(self):
         self.config_tester.run_common_tests()
-
-    @unittest.skip(reason="ConvNeXt V2 has no input embeddings (as in transformers' own ConvNeXt V2 tests)")
-    def test_inputs_embeds(self):
-        pass
-
-    @unittest.skip(reason="ConvNeXt V2 has no input embeddings (as in transformers' own ConvNeXt V2 tests)")
-    def test_model_get_set_embeddings(self):
-        pass
-
-    @unittest.skip(reason="ConvNeXt V2 has no feed-forward chunking (as in transformers' own ConvNeXt V2 tests)")
-    def test_feed_forward_chunking(self):
-        pass
 
 
 class ConvNextV2BackboneCommonTest(TransformersDefaults, BackboneTesterMixin, unittest.TestCase):
@@ -166,29 +168,14 @@ class ConvNextV2BackboneCommonTest(TransformersDefaults, BackboneTesterMixin, un
         return ConvNextV2ModelTester(self)
 
 
-class FCMAECommonTest(TransformersDefaults, ConvNextV2HiddenStates, ModelTesterMixin, unittest.TestCase):
+class FCMAECommonTest(TransformersDefaults, ConvNextV2ModelChecks, ModelTesterMixin, unittest.TestCase):
     all_model_classes = (ConvNextV2ForMaskedImageModeling,)
-    test_resize_embeddings = False
-    has_attentions = False
-    test_torch_exportable = True
     # Per-image GRN norms: with the reference's batch-wide sparse GRN, one sample's output depends on the others,
     # which the batching checks rightly reject.
     tester_kwargs = {"sparse_grn_scope": "sample"}
 
     def make_tester(self):
         return ConvNextV2ModelTester(self, image_size=64, with_mask=True, **self.tester_kwargs)
-
-    @unittest.skip(reason="ConvNeXt V2 has no input embeddings (as in transformers' own ConvNeXt V2 tests)")
-    def test_inputs_embeds(self):
-        pass
-
-    @unittest.skip(reason="ConvNeXt V2 has no input embeddings (as in transformers' own ConvNeXt V2 tests)")
-    def test_model_get_set_embeddings(self):
-        pass
-
-    @unittest.skip(reason="ConvNeXt V2 has no feed-forward chunking (as in transformers' own ConvNeXt V2 tests)")
-    def test_feed_forward_chunking(self):
-        pass
 
 
 class MixMAECommonTest(FCMAECommonTest):
