@@ -211,3 +211,35 @@ print("done")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done" in result.stdout
     assert "Do you wish to run the custom code" not in result.stdout + result.stderr
+
+
+def test_importing_us_leaves_transformers_own_classes_quiet(tmp_path):
+    import sys
+
+    from conftest import run_as_user
+
+    code = """
+import convnextv2_hf, torch, transformers
+config = transformers.ConvNextV2Config(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 24, 32])
+print(transformers.ConvNextV2ForImageClassification(config)(torch.randn(1, 3, 32, 32)).logits.shape)
+"""
+    result = run_as_user([sys.executable, "-c", code], tmp_path, TRANSFORMERS_VERBOSITY="warning")
+    assert result.returncode == 0 and "[ERROR]" not in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_cli_respects_a_chosen_transformers_verbosity(monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    from convnextv2_hf.cli import quiet_transformers
+
+    previous = hf_logging.get_verbosity()
+    try:
+        hf_logging.set_verbosity_info()
+        monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")
+        quiet_transformers()
+        assert hf_logging.get_verbosity() == hf_logging.INFO
+        monkeypatch.delenv("TRANSFORMERS_VERBOSITY")
+        quiet_transformers()
+        assert hf_logging.get_verbosity() == hf_logging.ERROR
+    finally:
+        hf_logging.set_verbosity(previous)

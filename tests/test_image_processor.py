@@ -76,3 +76,29 @@ def test_saved_beside_an_fcmae_model_it_keeps_masks_elsewhere_it_is_native(tmp_p
     assert saved["image_processor_type"] == "ConvNextImageProcessor" and "auto_map" not in saved
     assert not any(key.startswith("mask") or "masked" in key for key in saved)
     assert not list((tmp_path / "plain").glob("*.py"))
+
+
+def test_odd_inputs_work_on_the_torchvision_base_too(tmp_path):
+    """With torchvision installed the processor builds on transformers' torchvision ConvNeXt processor."""
+    from conftest import python_for, run_as_user
+
+    python = python_for("with torchvision")
+    code = """
+import numpy as np, torch
+from PIL import Image
+from transformers.models.convnext.image_processing_convnext import ConvNextImageProcessor
+from convnextv2_hf import ConvNextV2ImageProcessor
+assert issubclass(ConvNextV2ImageProcessor, ConvNextImageProcessor)
+rng = np.random.default_rng(0)
+rgb = Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8))
+images = [rgb, rgb.convert("L"), rgb.convert("P"), rgb.convert("RGBA"), rgb.convert("CMYK"),
+          Image.fromarray(rng.integers(0, 65535, (45, 33), dtype=np.uint16)),
+          rng.integers(0, 255, (40, 60, 3), dtype=np.uint8), torch.randint(0, 255, (3, 30, 20), dtype=torch.uint8)]
+batch = ConvNextV2ImageProcessor(size={"shortest_edge": 32}, mask_cell_size=16)(
+    images, return_bool_masked_pos=True, mask_seed=0, return_tensors="pt")
+assert batch["pixel_values"].shape == (8, 3, 32, 32) and torch.isfinite(batch["pixel_values"]).all()
+assert batch["bool_masked_pos"].shape == (8, 4) and batch["bool_masked_pos"].dtype == torch.bool
+print("ok")
+"""
+    result = run_as_user([python, "-c", code], tmp_path)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

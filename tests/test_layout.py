@@ -59,3 +59,18 @@ def test_checkpoints_carry_flat_files_that_import_only_each_other_torch_and_tran
                 chain = dotted(node)
                 private = chain.startswith("torch.") and any(p.startswith("_") for p in chain.split(".")[1:])
                 assert not chain.startswith("torch.ops") and not private, (name, chain)
+
+
+def test_old_training_paths_still_import_with_a_warning():
+    import importlib
+    import warnings
+
+    moved = {"pretrain": "main", "finetune": "main", "data": "open_image", "transforms": "PretrainTransform",
+             "optim": "param_groups", "plots": "save_curves", "model_card": "save_model_card"}
+    for module, name in moved.items():
+        sys.modules.pop(f"convnextv2_hf.{module}", None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            old = importlib.import_module(f"convnextv2_hf.{module}")
+        assert callable(getattr(old, name)), module
+        assert any(issubclass(w.category, DeprecationWarning) and "training" in str(w.message) for w in caught), module
