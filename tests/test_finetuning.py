@@ -1,8 +1,5 @@
 """Fine-tuning script end to end, the pre-train -> fine-tune hand-off, and the recipe helpers."""
 
-import json
-import shutil
-from pathlib import Path
 
 import evaluate
 import numpy as np

@@ -10,7 +10,6 @@ from PIL import Image
 import pytest
 
 from conftest import (
-    REPO,
     TINY_OVERRIDES,
     assert_served_like_ours,
     make_image_folder,

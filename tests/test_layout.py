@@ -2,7 +2,6 @@
 
 import ast
 import sys
-from pathlib import Path
 
 from conftest import REPO, tiny_config
 from convnextv2_hf import ConvNextV2ForMaskedImageModeling, ConvNextV2ImageProcessor

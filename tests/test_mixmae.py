@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import active_mim, tiny_config
-from convnextv2_hf import ConvNextV2Config, ConvNextV2ForMaskedImageModeling
+from convnextv2_hf import ConvNextV2Config
 from convnextv2_hf.masking import patchify
 from test_sparse_backends import FAST_BACKENDS, assert_backends_agree
 

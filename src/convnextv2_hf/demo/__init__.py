@@ -21,8 +21,7 @@ import torch
 
 from .data import labelled_folder, list_folder, prepare_data, stratified_sample, write_digits
 from .probes import FrozenFeatures
-from .report import SweepPoint, budget_table, cell, save_learning_curves, save_sweep_plot, stops_being_ahead
-from .report import sweep_table, write_json
+from .report import SweepPoint, cell
 from .runs import DEMO_MODEL, Budget, eval_curve, finetune_run, pretrain_run
 
 QUICK = dict(seeds=1, pretrain_steps=40, label_counts="1,10", finetune_passes=60, max_finetune_epochs=3,

@@ -70,8 +70,8 @@ def stops_being_ahead(points: list[SweepPoint]) -> str:
 
 
 def sweep_table(points: list[SweepPoint], seeds: int) -> list[str]:
-    lines = [f"| labels per class | fine-tuned from FCMAE | from scratch | FCMAE - scratch (points) | linear probe "
-             f"FCMAE / random | k-NN probe FCMAE / random | budget per run | minutes for the row |",
+    lines = ["| labels per class | fine-tuned from FCMAE | from scratch | FCMAE - scratch (points) | linear probe "
+             "FCMAE / random | k-NN probe FCMAE / random | budget per run | minutes for the row |",
              "|---|---|---|---|---|---|---|---|"]
     for p in points:
         gain = 100 * (p.mean("fcmae") - p.mean("scratch"))

@@ -141,7 +141,7 @@ def epoch_batches(run: FCMAERun, epoch: int, skip: int):
 
 def train_one_epoch(run: FCMAERun, epoch: int, state: TrainingState, skip: int = 0) -> None:
     """Optimizer steps over one epoch (or until the plan's last step), logging and checkpointing as asked."""
-    accelerator, args, running, seen = run.accelerator, run.args, 0.0, 0
+    accelerator, running, seen = run.accelerator, 0.0, 0
     run.model.train()
     for batch in epoch_batches(run, epoch, skip):
         with accelerator.accumulate(run.model):
