@@ -4,9 +4,10 @@
     python benchmarks/benchmark.py --device cuda --bf16    # GPU with bf16 autocast
 
 Every figure is the median over `--repeats` timed runs after `--warmup` runs. Each configuration runs in a fresh
-subprocess, so peak memory is that configuration's own: on CPU the growth of the process's peak resident memory
-over its size before the first step (with glibc's mmap threshold fixed at 64 KiB, so freed tensors leave the
-resident set), on GPU `torch.cuda.max_memory_allocated`.
+subprocess. Peak memory is measured in one more process per configuration, over one training step (the first, so
+it includes the optimizer state): on CPU the growth of the process's peak resident memory over its size before the
+step, with glibc's mmap threshold fixed at 64 KiB so freed tensors leave the resident set (that slows allocation,
+hence the separate process); on GPU `torch.cuda.max_memory_allocated`.
 """
 
 from __future__ import annotations
@@ -174,13 +175,15 @@ def inference_worker(job: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def run_job(job: dict) -> dict:
+def run_job(job: dict, for_memory: bool = False) -> dict:
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
     if job["device"] == "cpu":
+        env.update(OMP_NUM_THREADS=str(job["threads"]), MKL_NUM_THREADS=str(job["threads"]))
+    if job["device"] == "cpu" and for_memory:
         # Every allocation above 64 KiB gets its own mapping, returned to the system when freed: the process's peak
-        # resident memory then follows the live tensors instead of what glibc's heap keeps after a free.
-        env.update(OMP_NUM_THREADS=str(job["threads"]), MKL_NUM_THREADS=str(job["threads"]),
-                   MALLOC_MMAP_THRESHOLD_="65536")
+        # resident memory then follows the live tensors instead of what glibc's heap keeps after a free. It slows
+        # allocation down, so speed is measured in another process without it.
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     result = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(job)], env=env, capture_output=True, text=True
     )
@@ -189,11 +192,19 @@ def run_job(job: dict) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run_jobs(keys: list[tuple], desc: str, job_for) -> dict[tuple, dict]:
-    """Run `job_for(*key)` for every key in its own subprocess, with a progress bar."""
+def run_jobs(keys: list[tuple], desc: str, job_for, memory: bool = False) -> dict[tuple, dict]:
+    """Run `job_for(*key)` for every key in its own subprocess, with a progress bar. With `memory`, each key also
+    runs once more (one step) in a process set up to measure peak memory, which gives the `peak_mib`."""
     from tqdm.auto import tqdm
 
-    return {key: run_job(job_for(*key)) for key in tqdm(keys, desc=desc)}
+    results = {}
+    for key in tqdm(keys, desc=desc):
+        job = job_for(*key)
+        results[key] = run_job(job)
+        if memory and "error" not in results[key]:
+            measured = run_job(dict(job, warmup=0, repeats=1), for_memory=True)
+            results[key]["peak_mib"] = measured.get("peak_mib", float("nan"))
+    return results
 
 
 def available_backends() -> list[str]:
@@ -250,7 +261,7 @@ def header(args, common: dict) -> list[str]:
 def train_section(args, common: dict) -> list[str]:
     jobs = [(p, b) for p in args.presets for b in common["backends"]]
     results = run_jobs(jobs, "training step", lambda preset, backend: dict(
-        common["job"], kind="train", preset=preset, backend=backend, mask_ratio=0.6))
+        common["job"], kind="train", preset=preset, backend=backend, mask_ratio=0.6), memory=True)
     lines = ["## FCMAE training step (forward + backward + AdamW), mask ratio 0.6", "",
              "| model | backend | images/s | vs dense | peak memory (MiB) | vs dense |", "|---|---|---|---|---|---|"]
     for preset, backend in jobs:
@@ -286,7 +297,7 @@ def checkpointing_section(args, common: dict) -> list[str]:
     jobs = [(p, on) for p in args.presets[-1:] for on in (False, True)]
     results = run_jobs(jobs, "gradient checkpointing", lambda preset, on: dict(
         common["job"], kind="train", preset=preset, backend="gather", mask_ratio=0.6, batch_size=batch,
-        gradient_checkpointing=on))
+        gradient_checkpointing=on), memory=True)
     lines = [f"## Gradient checkpointing (FCMAE training step, gather backend, mask ratio 0.6, batch {batch})", "",
              "| model | gradient checkpointing | images/s | peak memory (MiB) | memory vs off |", "|---|---|---|---|---|"]
     for preset, on in jobs:

@@ -199,3 +199,19 @@ def test_push_to_hub_fails_clearly_offline(tmp_path, capsys):
     assert 2 == cli(["convert", "--from", "reference", "--checkpoint", str(tmp_path / "none.pth"), "--output_dir",
                      str(tmp_path / "o"), "--push_to_hub", "--hub_model_id", "me/model"])
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+
+
+def test_converting_over_another_model_replaces_the_folder_whole(tmp_path):
+    model = randomized(ConvNextV2ForImageClassification(tiny_config()))
+    export_checkpoint(model, "reference", tmp_path / "ref.pth")
+    out = tmp_path / "hf"
+    ConvNextV2ForMaskedImageModeling(tiny_config()).save_pretrained(out)
+    (out / "README.md").write_text("card of the model that was here")
+    (out / "all_results.json").write_text("{}")
+    assert cli(["convert", "--from", "reference", "--checkpoint", str(tmp_path / "ref.pth"), "--output_dir",
+                str(out)]) == 2  # it holds a model: --overwrite_output_dir needed
+    assert cli(["convert", "--from", "reference", "--checkpoint", str(tmp_path / "ref.pth"), "--output_dir", str(out),
+                "--overwrite_output_dir"]) == 0
+    assert not (out / "README.md").exists() and not (out / "all_results.json").exists()
+    assert not list(out.glob("*.py"))  # the FCMAE code that was here went with it
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["ConvNextV2ForImageClassification"]

@@ -48,6 +48,9 @@ def test_pretrain_then_finetune_then_pipeline(images, tmp_path):
         assert (out / name).exists(), name
     card = (out / "README.md").read_text()
     assert "model-index" in card and "Top-1 accuracy" in card
+    # fine-tuned from an FCMAE folder, yet a plain transformers folder: no auto_map (it used to point at code the
+    # folder does not hold) and no code files
+    assert "auto_map" not in (out / "config.json").read_text() and not list(out.glob("*.py"))
     classifier = transformers.pipeline("image-classification", model=str(out))
     predictions = classifier(Image.new("RGB", (45, 60), (200, 0, 0)))
     assert {p["label"] for p in predictions} == {"cats", "dogs"}

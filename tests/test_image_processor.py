@@ -102,3 +102,9 @@ print("ok")
 """
     result = run_as_user([python, "-c", code], tmp_path)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_defaults_match_the_model_and_the_reference():
+    processor = ConvNextV2ImageProcessor()
+    assert processor.size == {"shortest_edge": 224}  # config.image_size, not transformers' ConvNeXt 384
+    assert tuple(processor.image_mean) == (0.485, 0.456, 0.406) and tuple(processor.image_std) == (0.229, 0.224, 0.225)

@@ -101,3 +101,8 @@ def test_weight_decay_exclusions_follow_each_reference_script():
     finetune = undecayed("finetune")
     assert finetune == pretrain | {n for n in names if ".grn." in n}
     assert all(torch.is_tensor(names[n]) for n in finetune)
+
+
+def test_norm_pix_loss_can_be_turned_off():
+    assert pretrain_args(["--output_dir", "unused"])[2].norm_pix_loss is True
+    assert pretrain_args(["--output_dir", "unused", "--no_norm_pix_loss"])[2].norm_pix_loss is False
