@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..configuration_convnextv2 import CONVNEXTV2_PRESETS, ConvNextV2Config
+from .data import MAX_IMAGE_PIXELS
 
 
 def require(condition: bool, flag: str, value, expectation: str) -> None:
@@ -66,7 +67,7 @@ class DataArguments:
     skip_corrupt_images: bool = field(default=False, metadata={"help": "skip (and count) unreadable images"})
     ignore_metadata: bool = field(default=False, metadata={
         "help": "read image folders that hold a metadata.csv/.jsonl as plain folders (that file is ignored)"})
-    max_image_pixels: int = field(default=178_956_970, metadata={
+    max_image_pixels: int = field(default=MAX_IMAGE_PIXELS, metadata={
         "help": "decompression guard: refuse images with more pixels than this (PIL's own limit by default)"})
 
     def __post_init__(self):

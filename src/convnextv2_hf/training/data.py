@@ -170,8 +170,12 @@ def undecoded(dataset: Dataset | IterableDataset, image_column: str):
 
 # --------------------------------------------------------------------------------------------- decoding
 
+# PIL's own decompression-bomb limit: it raises above twice its `Image.MAX_IMAGE_PIXELS` (89,478,485). A literal,
+# because a user may have set PIL's attribute to None.
+MAX_IMAGE_PIXELS = 178_956_970
 
-def decode_image(record: Any, max_pixels: int = 178_956_970) -> PIL.Image.Image:
+
+def decode_image(record: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.Image:
     """Decode one image cell (a PIL image, or `{'path', 'bytes'}`) to RGB, turned upright by its EXIF orientation
     as transformers' `load_image` (and so its pipeline) does. Unreadable or oversized files name their path."""
     if isinstance(record, PIL.Image.Image):
@@ -198,7 +202,7 @@ def decode_image(record: Any, max_pixels: int = 178_956_970) -> PIL.Image.Image:
         ) from None
 
 
-def drop_unreadable(dataset: Dataset | IterableDataset, image_column: str, max_pixels: int = 178_956_970):
+def drop_unreadable(dataset: Dataset | IterableDataset, image_column: str, max_pixels: int = MAX_IMAGE_PIXELS):
     """Filter out undecodable images, naming each in a warning; returns (dataset, number dropped, or None when
     streaming)."""
     def readable(row) -> bool:
@@ -215,7 +219,7 @@ def drop_unreadable(dataset: Dataset | IterableDataset, image_column: str, max_p
     return kept, len(dataset) - len(kept)
 
 
-def check_headers(dataset: Dataset, image_column: str, max_pixels: int = 178_956_970) -> None:
+def check_headers(dataset: Dataset, image_column: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     """Open every image's header (cheap: no pixels are decoded), so that files that are not images at all, or far
     too large, are named before training rather than hours into it."""
     from tqdm.auto import tqdm
@@ -234,7 +238,7 @@ def check_headers(dataset: Dataset, image_column: str, max_pixels: int = 178_956
                                        f"allows ({max_pixels} px); shrink it, or raise --max_image_pixels.")
 
 
-def check_readable(dataset: Dataset, image_column: str, max_pixels: int = 178_956_970) -> None:
+def check_readable(dataset: Dataset, image_column: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     """Decode every image once before training, so a bad file fails now (naming it), not after hours of training."""
     for record in dataset[image_column]:
         decode_image(record, max_pixels)

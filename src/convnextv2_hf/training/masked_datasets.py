@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset as TorchDataset, IterableDataset as TorchIterableDataset, Sampler
 
 from .augmentation import sample_generator
-from .data import decode_image
+from .data import MAX_IMAGE_PIXELS, decode_image
 
 
 class EpochSampler(Sampler):
@@ -33,31 +33,34 @@ class EpochSampler(Sampler):
         return self.num_samples
 
 
-class MaskedImageDataset(TorchDataset):
-    """Map-style: `(epoch, index)` -> augmented image and its FCMAE mask, both seeded per sample."""
+class MaskedRows:
+    """The step every masked dataset shares: decode a row's image, transform it and draw its mask, both from the
+    sample's own generator."""
 
-    def __init__(self, dataset, image_column: str, transform, draw_mask, seed: int, max_pixels: int = 178_956_970):
+    def __init__(self, dataset, image_column: str, transform, draw_mask, seed: int, max_pixels: int = MAX_IMAGE_PIXELS):
         self.dataset, self.image_column, self.transform, self.draw_mask = dataset, image_column, transform, draw_mask
         self.seed, self.max_pixels = seed, max_pixels
+
+    def masked_sample(self, row, generator: torch.Generator) -> dict:
+        pixel_values = self.transform(decode_image(row[self.image_column], self.max_pixels), generator)
+        return {"pixel_values": pixel_values, "bool_masked_pos": self.draw_mask(pixel_values, generator)}
+
+
+class MaskedImageDataset(MaskedRows, TorchDataset):
+    """Map-style: `(epoch, index)` -> augmented image and its FCMAE mask, both seeded per sample."""
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key):
         epoch, index = key
-        generator = sample_generator(self.seed, epoch, index)
-        image = decode_image(self.dataset[index][self.image_column], self.max_pixels)
-        pixel_values = self.transform(image, generator)
-        return {"pixel_values": pixel_values, "bool_masked_pos": self.draw_mask(pixel_values, generator)}
+        return self.masked_sample(self.dataset[index], sample_generator(self.seed, epoch, index))
 
 
-class StreamingMaskedImageDataset(TorchIterableDataset):
+class StreamingMaskedImageDataset(MaskedRows, TorchIterableDataset):
     """Streaming: the running position in the stream plays the role of the index."""
 
-    def __init__(self, dataset, image_column: str, transform, draw_mask, seed: int, max_pixels: int = 178_956_970):
-        self.dataset, self.image_column, self.transform, self.draw_mask = dataset, image_column, transform, draw_mask
-        self.seed, self.max_pixels = seed, max_pixels
-        self.epoch = 0
+    epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -65,25 +68,30 @@ class StreamingMaskedImageDataset(TorchIterableDataset):
     def __iter__(self):
         stream = self.dataset.shuffle(seed=self.seed + self.epoch, buffer_size=1000)
         for position, row in enumerate(stream):
-            generator = sample_generator(self.seed, self.epoch, position)
-            pixel_values = self.transform(decode_image(row[self.image_column], self.max_pixels), generator)
-            yield {"pixel_values": pixel_values, "bool_masked_pos": self.draw_mask(pixel_values, generator)}
+            yield self.masked_sample(row, sample_generator(self.seed, self.epoch, position))
 
 
-class EvaluationMaskedDataset(TorchDataset):
+class ProcessorView:
+    """The processor's evaluation view (resize, center crop, normalise) as a transform; it draws nothing."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image, generator: torch.Generator) -> torch.Tensor:
+        return self.processor(image, return_tensors="pt")["pixel_values"][0]
+
+
+class EvaluationMaskedDataset(MaskedRows, TorchDataset):
     """Validation: center-cropped images (the processor's eval view) with one fixed mask per index."""
 
-    def __init__(self, dataset, image_column: str, processor, draw_mask, seed: int, max_pixels: int = 178_956_970):
-        self.dataset, self.image_column, self.processor, self.draw_mask = dataset, image_column, processor, draw_mask
-        self.seed, self.max_pixels = seed, max_pixels
+    def __init__(self, dataset, image_column: str, processor, draw_mask, seed: int, max_pixels: int = MAX_IMAGE_PIXELS):
+        super().__init__(dataset, image_column, ProcessorView(processor), draw_mask, seed, max_pixels)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        image = decode_image(self.dataset[index][self.image_column], self.max_pixels)
-        pixel_values = self.processor(image, return_tensors="pt")["pixel_values"][0]
-        return {"pixel_values": pixel_values, "bool_masked_pos": self.draw_mask(pixel_values, sample_generator(self.seed, -1, index))}
+        return self.masked_sample(self.dataset[index], sample_generator(self.seed, -1, index))
 
 
 def collate(examples):
