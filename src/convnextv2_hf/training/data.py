@@ -175,11 +175,9 @@ def undecoded(dataset: Dataset | IterableDataset, image_column: str):
 MAX_IMAGE_PIXELS = 178_956_970
 
 
-def decode_image(record: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.Image:
-    """Decode one image cell (a PIL image, or `{'path', 'bytes'}`) to RGB, turned upright by its EXIF orientation
-    as transformers' `load_image` (and so its pipeline) does. Unreadable or oversized files name their path."""
-    if isinstance(record, PIL.Image.Image):
-        return to_rgb(PIL.ImageOps.exif_transpose(record))
+def open_image(record: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.Image:
+    """Open one undecoded image cell (`{'path', 'bytes'}`) lazily, reading only its header; files that are not
+    images, or exceed the decompression guard, raise [`UnreadableImageError`] naming their path."""
     path = record.get("path") if isinstance(record, dict) else None
     try:
         if isinstance(record, dict) and record.get("bytes") is not None:
@@ -188,18 +186,32 @@ def decode_image(record: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.I
             image = PIL.Image.open(path)
         else:
             raise ValueError(f"unsupported image cell of type {type(record).__name__}")
-        if image.width * image.height > max_pixels:
-            raise UnreadableImageError(
-                f"Image {path or '<in-memory bytes>'} is {image.width}x{image.height} px, more than the decompression "
-                f"guard allows ({max_pixels} px); shrink it, or raise --max_image_pixels if it is genuine.")
+    except Exception as error:
+        raise unreadable(path, error) from None
+    if image.width * image.height > max_pixels:
+        image.close()
+        raise UnreadableImageError(
+            f"Image {path or '<in-memory bytes>'} is {image.width}x{image.height} px, more than the decompression "
+            f"guard allows ({max_pixels} px); shrink it, or raise --max_image_pixels if it is genuine.")
+    return image
+
+
+def decode_image(record: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.Image:
+    """Decode one image cell (a PIL image, or `{'path', 'bytes'}`) to RGB, turned upright by its EXIF orientation
+    as transformers' `load_image` (and so its pipeline) does. Unreadable or oversized files name their path."""
+    if isinstance(record, PIL.Image.Image):
+        return to_rgb(PIL.ImageOps.exif_transpose(record))
+    image = open_image(record, max_pixels)
+    try:
         image.load()
         return to_rgb(PIL.ImageOps.exif_transpose(image))
-    except UnreadableImageError:
-        raise
     except Exception as error:
-        raise UnreadableImageError(
-            f"Cannot read image {path or '<in-memory bytes>'}: {error}. Remove the file or pass --skip_corrupt_images."
-        ) from None
+        raise unreadable(record.get("path"), error) from None
+
+
+def unreadable(path: str | None, error: Exception) -> UnreadableImageError:
+    return UnreadableImageError(
+        f"Cannot read image {path or '<in-memory bytes>'}: {error}. Remove the file or pass --skip_corrupt_images.")
 
 
 def drop_unreadable(dataset: Dataset | IterableDataset, image_column: str, max_pixels: int = MAX_IMAGE_PIXELS):
@@ -225,17 +237,7 @@ def check_headers(dataset: Dataset, image_column: str, max_pixels: int = MAX_IMA
     from tqdm.auto import tqdm
 
     for record in tqdm(dataset[image_column], desc="Checking image headers", disable=len(dataset) < 10_000):
-        path = record.get("path") if isinstance(record, dict) else None
-        try:
-            source = io.BytesIO(record["bytes"]) if isinstance(record, dict) and record.get("bytes") else path
-            with PIL.Image.open(source) as image:
-                size = image.size
-        except Exception as error:
-            raise UnreadableImageError(f"Cannot read image {path or '<in-memory bytes>'}: {error}. Remove the file or "
-                                       "pass --skip_corrupt_images.") from None
-        if size[0] * size[1] > max_pixels:
-            raise UnreadableImageError(f"Image {path} is {size[0]}x{size[1]} px, more than the decompression guard "
-                                       f"allows ({max_pixels} px); shrink it, or raise --max_image_pixels.")
+        open_image(record, max_pixels).close()
 
 
 def check_readable(dataset: Dataset, image_column: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
