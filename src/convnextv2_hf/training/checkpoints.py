@@ -69,6 +69,11 @@ def save_folder_atomically(output_dir: str | os.PathLike, write, what: str, mark
     shutil.rmtree(staged, ignore_errors=True)
 
 
+def save_model_and_processor(model, processor, folder: str | os.PathLike) -> None:
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)  # after the model: beside an FCMAE model it keeps its mask settings
+
+
 def complete_checkpoints(output_dir: str | os.PathLike, marker: str) -> list[Path]:
     """`checkpoint-N` folders that hold `marker`, oldest step first."""
     found = []

@@ -23,6 +23,7 @@ from .checkpoints import (
     failed_write_kept_out,
     find_checkpoint,
     publish,
+    read_training_state,
     rotate_checkpoints,
 )
 
@@ -209,7 +210,7 @@ def resume(run: FCMAERun, requested: str) -> TrainingState:
     """Load the weights, optimizer, scheduler and RNG states of a checkpoint; returns its training state."""
     path = find_checkpoint(run.args.output_dir, requested)
     run.accelerator.load_state(path)
-    saved = json.loads(Path(path, PRETRAINING_MARKER).read_text())
+    saved = read_training_state(path)
     state = TrainingState(saved["completed_steps"], saved["history"], saved.get("validation", []))
     run.accelerator.print(f"Resumed from {path} at step {state.completed_steps} (checkpoint-{checkpoint_step(path)})")
     return state

@@ -24,11 +24,11 @@ from ..metrics import metric_path
 from . import data as data_utils
 from .arguments import REFERENCE_TRAINER_DEFAULTS, DataArguments, FinetuningArguments, ModelArguments
 from .augmentation import PretrainTransform, SeededAugmentedDataset
-from .checkpoints import TRAINER_MARKER, find_checkpoint, remove_staging_leftovers, save_folder_atomically
+from .checkpoints import TRAINER_MARKER, find_checkpoint, save_folder_atomically, save_model_and_processor
 from .mixup import MixupCutmixCollator
 from .models import init_head_small, load_classifier, training_processor
 from .optim import create_optimizer
-from .output_dir import OutputDirLock, check_output_dir, checkpoint_bytes
+from .output_dir import check_output_dir, checkpoint_bytes, claim_output_dir
 from .reporting import CardInfo, accuracy_eval_results, save_curves, save_model_card
 from .trainer import (
     EMACallback,
@@ -76,7 +76,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: Finetuning
     if push:  # fail before any work; the Trainer's own push is replaced by ours (model, processor, card)
         ensure_hub_available("push the fine-tuned model (--push_to_hub)", training_args.hub_token)
         training_args.push_to_hub = False
-    lock, resume = claim_output_dir(training_args, recipe)
+    lock, resume = claim_and_resolve_output_dir(training_args, recipe)
     with lock:
         return finetune(model_args, data_args, recipe, training_args, resume, push)
 
@@ -107,15 +107,12 @@ def finetune(model_args, data_args, recipe, training_args, resume: str | None, p
     return metrics
 
 
-def claim_output_dir(training_args, recipe: FinetuningArguments):
+def claim_and_resolve_output_dir(training_args, recipe: FinetuningArguments):
     """Check and lock the output folder; returns the lock (a context manager) and the checkpoint to resume from
     (`latest` resolved), if any."""
     requested, lock = training_args.resume_from_checkpoint, contextlib.nullcontext()
     if training_args.process_index == 0:
-        check_output_dir(training_args.output_dir, "--output_dir", resume=bool(requested),
-                         overwrite=recipe.overwrite_output_dir)
-        lock = OutputDirLock(training_args.output_dir).__enter__()
-        remove_staging_leftovers(training_args.output_dir)
+        lock = claim_output_dir(training_args.output_dir, bool(requested), recipe.overwrite_output_dir)
     if not requested:
         return lock, None
     resolved = find_checkpoint(training_args.output_dir, requested, TRAINER_MARKER)
@@ -247,11 +244,9 @@ def save_outputs(trainer, processor, metrics, data: LabelledData, model_args, da
     output_dir, ema = training_args.output_dir, trainer.ema
 
     def write(folder: Path) -> None:
-        trainer.model.save_pretrained(folder)
-        processor.save_pretrained(folder)
+        save_model_and_processor(trainer.model, processor, folder)
         if ema is not None:
-            ema.ema.module.save_pretrained(folder / "ema")
-            processor.save_pretrained(folder / "ema")
+            save_model_and_processor(ema.ema.module, processor, folder / "ema")
 
     save_folder_atomically(output_dir, write, "the fine-tuned model", TRAINER_MARKER)
     history = trainer.state.log_history

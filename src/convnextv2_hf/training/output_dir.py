@@ -10,6 +10,8 @@ import shutil
 import socket
 from pathlib import Path
 
+from .checkpoints import remove_staging_leftovers
+
 LOCK_NAME = ".convnextv2-hf.lock"
 RUN_FILES = ("model.safetensors", "pytorch_model.bin", "config.json", "train_results.json", "all_results.json",
              "results.json")  # the last one: a demo's report
@@ -46,6 +48,15 @@ def check_output_dir(path: str | os.PathLike, flag: str, resume: bool = False, o
         raise OutputDirError(f"{flag} {str(path)!r} has {free / 2**20:.0f} MiB free but one checkpoint needs about "
                              f"{needed_bytes / 2**20:.0f} MiB; free some space or choose another disk.")
     return folder
+
+
+def claim_output_dir(path: str | os.PathLike, resume: bool, overwrite: bool) -> "OutputDirLock":
+    """Check `--output_dir` can take this run, lock it (the lock is returned, held) and clear what a killed run left
+    half-written there. Called by the main process only."""
+    check_output_dir(path, "--output_dir", resume=resume, overwrite=overwrite)
+    lock = OutputDirLock(path).__enter__()
+    remove_staging_leftovers(path)
+    return lock
 
 
 def checkpoint_bytes(num_parameters: int, with_optimizer: bool = True) -> int:

@@ -24,12 +24,12 @@ from ..masking import random_masking
 from . import data as data_utils
 from .arguments import DataArguments, ModelArguments, PretrainingArguments
 from .augmentation import PretrainTransform
-from .checkpoints import PRETRAINING_MARKER, remove_staging_leftovers, save_folder_atomically
+from .checkpoints import PRETRAINING_MARKER, save_folder_atomically, save_model_and_processor
 from .fcmae_engine import FCMAERun, TrainingPlan, TrainingState, resume, train
 from .masked_datasets import EpochSampler, EvaluationMaskedDataset, MaskedImageDataset, StreamingMaskedImageDataset, collate
 from .models import build_fcmae
 from .optim import param_groups
-from .output_dir import OutputDirLock, check_output_dir, checkpoint_bytes
+from .output_dir import check_output_dir, checkpoint_bytes, claim_output_dir
 from .reporting import CardInfo, save_curves, save_model_card, save_reconstruction_grid
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: PretrainingA
         ensure_hub_available("push the pre-trained model (--push_to_hub)", args.hub_token)
     accelerator = build_accelerator(args)
     set_seed(args.seed)
-    with claim_output_dir(args, accelerator):
+    with claim_main_process_output_dir(args, accelerator):
         return pretrain(accelerator, model_args, data_args, args)
 
 
@@ -117,14 +117,11 @@ def use_cpu_processes() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def claim_output_dir(args: PretrainingArguments, accelerator):
+def claim_main_process_output_dir(args: PretrainingArguments, accelerator):
     """Check the output folder and lock it (main process); a context manager for the rest of the run."""
     lock = contextlib.nullcontext()
     if accelerator.is_main_process:
-        check_output_dir(args.output_dir, "--output_dir", resume=bool(args.resume_from_checkpoint),
-                         overwrite=args.overwrite_output_dir)
-        lock = OutputDirLock(args.output_dir).__enter__()
-        remove_staging_leftovers(args.output_dir)
+        lock = claim_output_dir(args.output_dir, bool(args.resume_from_checkpoint), args.overwrite_output_dir)
     accelerator.wait_for_everyone()
     return lock
 
@@ -133,11 +130,6 @@ def check_free_space(args: PretrainingArguments, model, accelerator) -> None:
     if accelerator.is_main_process:
         needed = checkpoint_bytes(model.num_parameters(), with_optimizer=args.checkpointing_steps is not None)
         check_output_dir(args.output_dir, "--output_dir", resume=True, needed_bytes=needed)
-
-
-def save_model_and_processor(model, processor, folder) -> None:
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)  # after the model: beside an FCMAE model it keeps its mask settings
 
 
 def load_data(data_args: DataArguments, args: PretrainingArguments, accelerator) -> PretrainingData:
