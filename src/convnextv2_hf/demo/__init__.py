@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .data import labelled_folder, list_folder, prepare_data, stratified_sample, write_digits
+from .data import files_under, labelled_folder, list_folder, prepare_data, stratified_sample, write_digits
 from .probes import FrozenFeatures
 from .report import SweepPoint, cell
-from .runs import DEMO_MODEL, Budget, eval_curve, finetune_run, pretrain_run
+from .runs import DEMO_MODEL, eval_curve, finetune_budget, finetune_run, pretrain_run
 
 QUICK = dict(seeds=1, pretrain_steps=40, label_counts="1,10", finetune_passes=60, max_finetune_epochs=3,
              min_finetune_epochs=2, budget_epochs=1, curve_every=1)
@@ -96,7 +96,7 @@ def data_section(out: Path, args):
         source = "scikit-learn's handwritten digits (UCI optical digits, 8x8 scans, upscaled)"
     data = prepare_data(out / "data", files, class_names, args.test_fraction, source)
     shutil.rmtree(out / "data" / "raw", ignore_errors=True)
-    test = sum(1 for p in data.test_dir.rglob("*") if p.is_file())
+    test = len(files_under(data.test_dir))
     print(f"data: {data.num_train} training images ({len(class_names)} classes), {test} held-out test images")
     return data
 
@@ -123,16 +123,14 @@ def encoders(out: Path):
 def label_sweep_section(data, out: Path, args):
     """Fine-tuning from FCMAE and from scratch, and probes, for every labelled-set size and seed."""
     pretrained, random_init, processor = encoders(out)
-    train_files = sorted(p for p in data.train_dir.rglob("*") if p.is_file())
-    test_files = sorted(p for p in data.test_dir.rglob("*") if p.is_file())
+    train_files, test_files = files_under(data.train_dir), files_under(data.test_dir)
     features = {"FCMAE": FrozenFeatures(pretrained.convnextv2, processor, train_files, test_files),
                 "random": FrozenFeatures(random_init.convnextv2, processor, train_files, test_files)}
     points, curves = [], {"fcmae": [], "scratch": []}
     print(f"[2/4] label sweep {[c or 'all' for c in args.label_counts]} x {args.seeds} seed(s) x (FCMAE, scratch)")
     for labels in args.label_counts:
         per_class = data.per_class(labels)
-        images = labels * len(data.class_names) if labels is not None else data.num_train
-        budget = Budget.for_images(images, args.finetune_passes, args.min_finetune_epochs, args.max_finetune_epochs)
+        budget = finetune_budget(data, labels, args)
         point = SweepPoint(labels, per_class, budget)
         for seed in range(args.seeds):
             sweep_seed(point, data, out, args, seed, features, curves if labels == args.curve_labels else None)
@@ -154,7 +152,7 @@ def sweep_seed(point: SweepPoint, data, out: Path, args, seed: int, features: di
         point.minutes += minutes
         if curves is not None:
             curves[start].append(eval_curve(run_dir))
-    labelled = sorted(p for p in folder.rglob("*") if p.is_file())
+    labelled = files_under(folder)
     for encoder, frozen in features.items():
         for probe, accuracy in frozen.probe(labelled).items():
             point.add(f"{probe} {encoder}", accuracy)
@@ -171,8 +169,7 @@ def mixmae_section(data, out: Path, args, fcmae_minutes: float) -> dict:
     started = time.time()
     pretrain_run(data.train_dir, out / "mixmae", args, seed=0, steps=steps, strategy="mixmae")
     minutes = (time.time() - started) / 60
-    images = args.curve_labels * len(data.class_names)
-    budget = Budget.for_images(images, args.finetune_passes, args.min_finetune_epochs, args.max_finetune_epochs)
+    budget = finetune_budget(data, args.curve_labels, args)
     top1 = [finetune_run(labelled_folder(data, args.curve_labels, seed), data.test_dir,
                          out / "runs" / f"mixmae-{args.curve_labels}-per-class-seed{seed}", args, seed,
                          str(out / "mixmae"), budget)[0]["eval_top1_accuracy"] for seed in range(args.seeds)]
@@ -187,7 +184,7 @@ def collapse_section(data, out: Path, args) -> dict:
 
     print("[3/4] feature-collapse analysis")
     pretrained, _, processor = encoders(out)
-    sample = stratified_sample([p for p in data.test_dir.rglob("*") if p.is_file()], 256)
+    sample = stratified_sample(files_under(data.test_dir), 256)
     images = processor([decode_image({"path": str(p), "bytes": None}) for p in sample], return_tensors="pt")["pixel_values"]
     collapse = {"FCMAE, with GRN": feature_collapse(pretrained, images)}
     if args.ablate_grn:

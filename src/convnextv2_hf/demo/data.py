@@ -37,6 +37,11 @@ class DemoData:
         return labels if labels is not None else self.num_train / len(self.class_names)
 
 
+def files_under(folder: Path) -> list[Path]:
+    """Every file below `folder` (class sub-folders included), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
 def write_digits(root: Path, image_size: int) -> list[tuple[Path, int]]:
     """scikit-learn's digits as PNG files (upscaled to `image_size`), one folder per digit."""
     from PIL import Image

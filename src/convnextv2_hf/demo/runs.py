@@ -41,6 +41,12 @@ class Budget:
         return cls(max(min_epochs, min(max_epochs, wanted)), batch, steps_per_epoch)
 
 
+def finetune_budget(data, labels: int | None, args) -> Budget:
+    """The fine-tuning budget for `labels` images per class (every training image for None)."""
+    images = labels * len(data.class_names) if labels is not None else data.num_train
+    return Budget.for_images(images, args.finetune_passes, args.min_finetune_epochs, args.max_finetune_epochs)
+
+
 def pretrain_run(train_dir: Path, output: Path, args, seed: int, extra: str = "", steps: int | None = None,
                  strategy: str = "fcmae") -> dict:
     steps = steps or args.pretrain_steps
