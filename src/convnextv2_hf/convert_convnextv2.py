@@ -370,16 +370,15 @@ def save_converted(model, config: ConvNextV2Config, output_dir: str | os.PathLik
     """Model and processor (at the config's image size) written into a staging folder that then replaces
     `output_dir` whole: nothing of an earlier model there (weights, card, results) survives beside the new one."""
     from .image_processing_convnextv2 import ConvNextV2ImageProcessor
-    from .training.checkpoints import publish
+    from .training.checkpoints import STAGING_PREFIX, publish, save_model_and_processor
 
     output_dir = Path(output_dir)
-    staged = output_dir.with_name(f".tmp-convert-{output_dir.name}")
+    staged = output_dir.with_name(f"{STAGING_PREFIX}convert-{output_dir.name}")
     if staged.exists():
         shutil.rmtree(staged)
-    model.save_pretrained(staged)
     processor = ConvNextV2ImageProcessor(size={"shortest_edge": config.image_size}, mask_cell_size=config.mask_cell_size,
                                          mask_ratio=config.mask_ratio)
-    processor.save_pretrained(staged)
+    save_model_and_processor(model, processor, staged)
     publish(staged, output_dir)
 
 
