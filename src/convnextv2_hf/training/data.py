@@ -175,7 +175,7 @@ def undecoded(dataset: Dataset | IterableDataset, image_column: str):
 MAX_IMAGE_PIXELS = 178_956_970
 
 
-def open_image(record: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.Image:
+def open_image_header(record: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.Image:
     """Open one undecoded image cell (`{'path', 'bytes'}`) lazily, reading only its header; files that are not
     images, or exceed the decompression guard, raise [`UnreadableImageError`] naming their path."""
     path = record.get("path") if isinstance(record, dict) else None
@@ -201,7 +201,7 @@ def decode_image(record: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.I
     as transformers' `load_image` (and so its pipeline) does. Unreadable or oversized files name their path."""
     if isinstance(record, PIL.Image.Image):
         return to_rgb(PIL.ImageOps.exif_transpose(record))
-    image = open_image(record, max_pixels)
+    image = open_image_header(record, max_pixels)
     try:
         image.load()
         return to_rgb(PIL.ImageOps.exif_transpose(image))
@@ -237,7 +237,7 @@ def check_headers(dataset: Dataset, image_column: str, max_pixels: int = MAX_IMA
     from tqdm.auto import tqdm
 
     for record in tqdm(dataset[image_column], desc="Checking image headers", disable=len(dataset) < 10_000):
-        open_image(record, max_pixels).close()
+        open_image_header(record, max_pixels).close()
 
 
 def check_readable(dataset: Dataset, image_column: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
