@@ -98,3 +98,10 @@ def test_drop_path_in_training_drops_whole_samples():
     assert len(losses) > 1  # stochastic in training
     model.eval()
     assert len({model(images, bool_masked_pos=mask).loss.item() for _ in range(2)}) == 1
+
+
+def test_config_accepts_exactly_the_registered_backends():
+    # The config cannot import the torch-side registry (it ships without it), so it keeps its own list of names.
+    from convnextv2_hf.configuration_convnextv2 import SPARSE_BACKEND_NAMES
+
+    assert sorted(SPARSE_BACKEND_NAMES) == sorted(SPARSE_BACKENDS)
