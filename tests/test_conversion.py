@@ -201,17 +201,31 @@ def test_push_to_hub_fails_clearly_offline(tmp_path, capsys):
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
 
 
-def test_converting_over_another_model_replaces_the_folder_whole(tmp_path):
+def test_converting_over_our_earlier_model_replaces_only_what_we_wrote(tmp_path):
     model = randomized(ConvNextV2ForImageClassification(tiny_config()))
     export_checkpoint(model, "reference", tmp_path / "ref.pth")
+    export_checkpoint(randomized(ConvNextV2ForMaskedImageModeling(tiny_config())), "reference", tmp_path / "fcmae.pth")
     out = tmp_path / "hf"
-    ConvNextV2ForMaskedImageModeling(tiny_config()).save_pretrained(out)
-    (out / "README.md").write_text("card of the model that was here")
-    (out / "all_results.json").write_text("{}")
+    assert cli(["convert", "--from", "reference", "--checkpoint", str(tmp_path / "fcmae.pth"), "--output_dir",
+                str(out)]) == 0
+    (out / "notes.txt").write_text("the user's notes")
+    assert list(out.glob("*.py"))
     assert cli(["convert", "--from", "reference", "--checkpoint", str(tmp_path / "ref.pth"), "--output_dir",
                 str(out)]) == 2  # it holds a model: --overwrite_output_dir needed
     assert cli(["convert", "--from", "reference", "--checkpoint", str(tmp_path / "ref.pth"), "--output_dir", str(out),
                 "--overwrite_output_dir"]) == 0
-    assert not (out / "README.md").exists() and not (out / "all_results.json").exists()
-    assert not list(out.glob("*.py"))  # the FCMAE code that was here went with it
+    assert not list(out.glob("*.py"))  # the FCMAE code our earlier conversion wrote went with it
     assert json.loads((out / "config.json").read_text())["architectures"] == ["ConvNextV2ForImageClassification"]
+    assert (out / "notes.txt").read_text() == "the user's notes"
+
+
+def test_a_model_we_did_not_write_is_never_replaced(tmp_path, capsys):
+    export_checkpoint(randomized(ConvNextV2ForImageClassification(tiny_config())), "reference", tmp_path / "ref.pth")
+    out = tmp_path / "hf"
+    ConvNextV2ForMaskedImageModeling(tiny_config()).save_pretrained(out)
+    (out / "README.md").write_text("card of the model that was here")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert cli(["convert", "--from", "reference", "--checkpoint", str(tmp_path / "ref.pth"), "--output_dir", str(out),
+                "--overwrite_output_dir"]) == 2
+    assert "not written by convnextv2-hf" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -59,11 +59,10 @@ def test_resume_continues_the_same_loss_trajectory(images, tmp_path):
     full = tmp_path / "full"
     # 12 readable images, batch 4: 3 steps per epoch, so checkpoint-4 is in the middle of the second epoch
     pretrain(tiny_args(images, full, "--max_train_steps", "7", "--skip_corrupt_images", "--checkpointing_steps", "4"))
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    os.rename(full / "checkpoint-4", resumed / "checkpoint-4")
+    resumed, kept = tmp_path / "resumed", tmp_path / "kept" / "checkpoint-4"
+    os.renames(full / "checkpoint-4", kept)  # a checkpoint moved elsewhere, resumed into a new folder
     pretrain(tiny_args(images, resumed, "--max_train_steps", "7", "--skip_corrupt_images",
-                       "--resume_from_checkpoint", "latest"))
+                       "--resume_from_checkpoint", str(kept)))
     expected, got = history(full), history(resumed)
     assert [step for step, _ in got] == [1, 2, 3, 4, 5, 6, 7]
     for (_, a), (_, b) in zip(expected, got):

@@ -59,12 +59,12 @@ def convert(args: argparse.Namespace) -> None:
     """Convert a reference-repository, timm or transformers checkpoint into this package's format."""
     from .convert_convnextv2 import convert_checkpoint, read_id2label
     from .hub import ensure_hub_available
-    from .training.output_dir import OutputDirLock, check_output_dir
+    from .training.output_dir import claim_output_dir
 
     if args.push_to_hub:
         ensure_hub_available("push the converted model", args.hub_token)
-    check_output_dir(args.output_dir, "--output_dir", overwrite=args.overwrite_output_dir)
-    with OutputDirLock(args.output_dir):
+    refuse_output_over_input(args.checkpoint, args.output_dir)
+    with claim_output_dir(args.output_dir, resume=False, overwrite=args.overwrite_output_dir):
         model = convert_checkpoint(
             args.checkpoint, args.source, args.output_dir, task=args.task, id2label=read_id2label(args.id2label),
             push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, hub_token=args.hub_token,
@@ -72,6 +72,18 @@ def convert(args: argparse.Namespace) -> None:
     config = model.config
     print(f"{type(model).__name__}: depths {config.depths}, widths {config.hidden_sizes}, "
           f"{model.num_parameters() / 1e6:.2f} M parameters -> {args.output_dir}")
+
+
+def refuse_output_over_input(checkpoint: str, output_dir: str) -> None:
+    """`--checkpoint` must not be `--output_dir` itself nor a file there that the conversion writes."""
+    from fnmatch import fnmatch
+
+    from .training.output_dir import RUN_OUTPUTS
+
+    source, target = Path(checkpoint).resolve(), Path(output_dir).resolve()
+    if source == target or (source.parent == target and any(fnmatch(source.name, p) for p in RUN_OUTPUTS)):
+        raise ValueError(f"--checkpoint {checkpoint!r} would be overwritten by the converted model in --output_dir "
+                         f"{output_dir!r}; choose another --output_dir.")
 
 
 def export(args: argparse.Namespace) -> None:
@@ -84,6 +96,9 @@ def export(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--model_name_or_path {source!r} is not a model folder (one holding config.json).")
     if output.is_dir():
         raise IsADirectoryError(f"--output {str(output)!r} is a folder; give a file path, e.g. {output / 'model.pth'}.")
+    if os.path.isdir(source) and output.resolve().parent == Path(source).resolve():
+        raise ValueError(f"--output {str(output)!r} is inside the model folder it exports from; write it elsewhere, "
+                         f"e.g. {Path(source).resolve().parent / output.name}.")
     config = ConvNextV2Config.from_pretrained(source)
     fcmae = "ConvNextV2ForMaskedImageModeling" in (config.architectures or [])
     model_class = ConvNextV2ForMaskedImageModeling if fcmae else ConvNextV2ForImageClassification

@@ -15,7 +15,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,19 +366,16 @@ def convert_checkpoint(
 
 
 def save_converted(model, config: ConvNextV2Config, output_dir: str | os.PathLike) -> None:
-    """Model and processor (at the config's image size) written into a staging folder that then replaces
-    `output_dir` whole: nothing of an earlier model there (weights, card, results) survives beside the new one."""
+    """Model and processor (at the config's image size) written into `output_dir` through a staging folder; other
+    files there are left alone, and a file of the same name that this project did not write is refused."""
     from .image_processing_convnextv2 import ConvNextV2ImageProcessor
-    from .training.checkpoints import STAGING_PREFIX, publish, save_model_and_processor
+    from .training.checkpoints import PRETRAINING_MARKER, save_folder_atomically, save_model_and_processor
 
-    output_dir = Path(output_dir)
-    staged = output_dir.with_name(f"{STAGING_PREFIX}convert-{output_dir.name}")
-    if staged.exists():
-        shutil.rmtree(staged)
     processor = ConvNextV2ImageProcessor(size={"shortest_edge": config.image_size}, mask_cell_size=config.mask_cell_size,
                                          mask_ratio=config.mask_ratio)
-    save_model_and_processor(model, processor, staged)
-    publish(staged, output_dir)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    save_folder_atomically(output_dir, lambda folder: save_model_and_processor(model, processor, folder),
+                           "the converted model", PRETRAINING_MARKER)
 
 
 def export_checkpoint(model, layout: str, output: str | os.PathLike) -> StateDict:
@@ -394,13 +390,23 @@ def export_checkpoint(model, layout: str, output: str | os.PathLike) -> StateDic
         state = model.state_dict()
     foreign = from_our_layout(state, layout)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if layout == "timm":
-        from safetensors.torch import save_file
+    from .training.manifest import record, refuse_unless_ours, remove_ours, replace_ours
 
-        save_file({k: v.contiguous() for k, v in foreign.items()}, str(output))
-    else:
-        torch.save({"model": foreign}, str(output))
+    refuse_unless_ours(output, "overwrite")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staged = output.with_name(f".tmp-{output.name}")
+    record(output.parent, staged.name)
+    try:
+        if layout == "timm":
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in foreign.items()}, str(staged))
+        else:
+            torch.save({"model": foreign}, str(staged))
+        replace_ours(staged, output)  # a rename: a reader of the old file (memory-mapped) keeps its copy
+    finally:
+        if staged.exists():
+            remove_ours(staged)
     return foreign
 
 

@@ -19,11 +19,16 @@ from pathlib import Path
 
 import torch
 
+from ..training.manifest import record, remove_ours
 from .data import files_under, labelled_folder, list_folder, prepare_data, stratified_sample, write_digits
 from .probes import FrozenFeatures
 from .report import SweepPoint, cell
 from .runs import DEMO_MODEL, eval_curve, finetune_budget, finetune_run, pretrain_run
 
+# Every top-level name the demo writes into --output_dir; only these (and only when it wrote them) are replaced.
+DEMO_OUTPUTS = ("data", "runs", "fcmae", "fcmae-no-grn", "mixmae", "mixmae-probe", "convnextv2-demo-finetuned",
+                "reconstructions.png", "pretrain_loss_curve.png", "label_efficiency.png", "finetune_curves.png",
+                "feature_collapse.png", "results.md", "results.json")
 QUICK = dict(seeds=1, pretrain_steps=40, label_counts="1,10", finetune_passes=60, max_finetune_epochs=3,
              min_finetune_epochs=2, budget_epochs=1, curve_every=1)
 
@@ -74,16 +79,29 @@ def main(argv: list[str] | None = None) -> dict:
     args, started = parse_args(argv), time.time()
     datasets.disable_progress_bars()  # dozens of small loads; the demo prints its own progress
     out = Path(args.output_dir)
-    check_output_dir(out, "--output_dir", overwrite=args.overwrite_output_dir)
+    check_output_dir(out, "--output_dir", overwrite=args.overwrite_output_dir, writes=DEMO_OUTPUTS)
+    refuse_train_dir_inside(args.train_dir, out)
     with OutputDirLock(out):
+        record(out, *DEMO_OUTPUTS)
         for stale in ("data", "runs"):
-            shutil.rmtree(out / stale, ignore_errors=True)
+            remove_ours(out / stale)
         data = data_section(out, args)
         pretraining = pretraining_section(data, out, args)
         sweep, curves = label_sweep_section(data, out, args)
         mixmae = mixmae_section(data, out, args, pretraining["minutes"]) if args.compare_mixmae else None
         collapse = collapse_section(data, out, args)
         return report_section(out, args, data, pretraining, sweep, curves, mixmae, collapse, started)
+
+
+def refuse_train_dir_inside(train_dir: str | None, out: Path) -> None:
+    """The demo rewrites its own outputs; images kept inside them would be deleted."""
+    if train_dir is None:
+        return
+    images = Path(train_dir).resolve()
+    for name in DEMO_OUTPUTS:
+        if images == (out / name).resolve() or (out / name).resolve() in images.parents:
+            raise ValueError(f"--train_dir {train_dir!r} lies inside the demo's own output {str(out / name)!r}, which "
+                             "the demo replaces; copy the images elsewhere or choose another --output_dir.")
 
 
 def data_section(out: Path, args):
@@ -164,7 +182,7 @@ def mixmae_section(data, out: Path, args, fcmae_minutes: float) -> dict:
     started = time.time()
     pretrain_run(data.train_dir, out / "mixmae-probe", args, seed=0, steps=probe_steps, strategy="mixmae")
     steps = max(probe_steps, int(fcmae_minutes * 60 / ((time.time() - started) / probe_steps)))
-    shutil.rmtree(out / "mixmae-probe", ignore_errors=True)
+    remove_ours(out / "mixmae-probe")
     print(f"[+] MixMAE pre-training for {steps} steps (the FCMAE pre-training time)")
     started = time.time()
     pretrain_run(data.train_dir, out / "mixmae", args, seed=0, steps=steps, strategy="mixmae")
@@ -199,6 +217,6 @@ def report_section(out: Path, args, data, pretraining, sweep, curves, mixmae, co
 
     print("[4/4] report")
     final = out / "convnextv2-demo-finetuned"
-    shutil.rmtree(final, ignore_errors=True)
+    remove_ours(final)
     shutil.copytree(out / "runs" / f"fcmae-{args.curve_labels}-per-class-seed0", final)
     return write_report(out, args, data, pretraining, sweep, curves, mixmae, collapse, started)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from .checkpoints import (
     publish,
     read_training_state,
     rotate_checkpoints,
+    staging_folder,
 )
 
 logger = logging.getLogger(__name__)
@@ -192,8 +192,8 @@ def save_checkpoint(run: FCMAERun, state: TrainingState) -> str:
     accelerator, output_dir = run.accelerator, run.args.output_dir
     final = Path(output_dir, f"checkpoint-{state.completed_steps}")
     staged = final.with_name(f"{STAGING_PREFIX}{final.name}")
-    if accelerator.is_main_process and staged.exists():
-        shutil.rmtree(staged)
+    if accelerator.is_main_process:
+        staging_folder(output_dir, final.name)
     accelerator.wait_for_everyone()
     with failed_write_kept_out(staged, f"checkpoint-{state.completed_steps}", output_dir, PRETRAINING_MARKER):
         accelerator.save_state(str(staged))

@@ -36,6 +36,7 @@ from .trainer import (
     FinetuningTrainer,
     MixingFinetuningTrainer,
     finished_run,
+    planned_steps,
     seed_before_the_model,
     steps_per_epoch,
     total_train_batch,
@@ -83,10 +84,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: Finetuning
 
 def finetune(model_args, data_args, recipe, training_args, resume: str | None, push: bool) -> dict:
     """The run itself, in an output folder this process holds."""
-    if resume and (results := finished_run(resume, training_args.output_dir)) is not None:
+    data = load_labelled_data(data_args, recipe, training_args)
+    planned = planned_steps(training_args, len(data.train))
+    if resume and (results := finished_run(resume, training_args.output_dir, planned)) is not None:
         logger.warning("%s is the last step of a finished run; its results stay as they are.", resume)
         return results
-    data = load_labelled_data(data_args, recipe, training_args)
     seed_before_the_model(training_args)
     model, new_head = load_classifier(model_args, recipe, data.labels)
     if new_head:
@@ -243,21 +245,22 @@ def save_outputs(trainer, processor, metrics, data: LabelledData, model_args, da
     """The pipeline-ready folder: model, processor, EMA copy, curves, card, results and log history."""
     output_dir, ema = training_args.output_dir, trainer.ema
 
+    history = trainer.state.log_history
+    smoothing = getattr(trainer.data_collator, "label_smoothing", training_args.label_smoothing_factor)
+
     def write(folder: Path) -> None:
         save_model_and_processor(trainer.model, processor, folder)
         if ema is not None:
             save_model_and_processor(ema.ema.module, processor, folder / "ema")
+        plots = save_finetuning_curves(history, str(folder))
+        card = finetuning_card(metrics, data, plots, smoothing, model_args, data_args, recipe, training_args)
+        save_model_card(trainer.model, card, str(folder))
+        with open(folder / "all_results.json", "w") as handle:
+            json.dump(metrics, handle, indent=2)
+        with open(folder / "log_history.json", "w") as handle:
+            json.dump(history, handle)
 
     save_folder_atomically(output_dir, write, "the fine-tuned model", TRAINER_MARKER)
-    history = trainer.state.log_history
-    plots = save_finetuning_curves(history, output_dir)
-    smoothing = getattr(trainer.data_collator, "label_smoothing", training_args.label_smoothing_factor)
-    card = finetuning_card(metrics, data, plots, smoothing, model_args, data_args, recipe, training_args)
-    save_model_card(trainer.model, card, output_dir)
-    with open(os.path.join(output_dir, "all_results.json"), "w") as handle:
-        json.dump(metrics, handle, indent=2)
-    with open(os.path.join(output_dir, "log_history.json"), "w") as handle:
-        json.dump(history, handle)
 
 
 def save_finetuning_curves(history: list[dict], output_dir: str) -> dict[str, str]:

@@ -11,10 +11,18 @@ import socket
 from pathlib import Path
 
 from .checkpoints import remove_staging_leftovers
+from .manifest import is_ours, remove_ours, unrecorded
 
 LOCK_NAME = ".convnextv2-hf.lock"
 RUN_FILES = ("model.safetensors", "pytorch_model.bin", "config.json", "train_results.json", "all_results.json",
              "results.json")  # the last one: a demo's report
+# Every top-level name a training run or a conversion writes into its output folder: one of these that exists
+# without being ours is refused before any work, since the run would have to replace it at the end.
+RUN_OUTPUTS = RUN_FILES + ("checkpoint-*", "preprocessor_config.json", "configuration_convnextv2.py",
+                           "modeling_convnextv2.py", "image_processing_convnextv2.py", "sparse_backends.py",
+                           "sparse_ops.py", "masking.py", "README.md", "ema",
+                           "log_history.json", "loss_curve.png", "reconstructions.png", "train_loss.png",
+                           "eval_accuracy.png")
 
 
 class OutputDirError(ValueError):
@@ -26,7 +34,7 @@ def holds_a_run(folder: Path) -> bool:
 
 
 def check_output_dir(path: str | os.PathLike, flag: str, resume: bool = False, overwrite: bool = False,
-                     needed_bytes: int = 0) -> Path:
+                     needed_bytes: int = 0, writes: tuple[str, ...] = RUN_OUTPUTS) -> Path:
     """Create `path` if needed and check it can take this run; raise [`OutputDirError`] naming the fix if not."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
@@ -35,6 +43,10 @@ def check_output_dir(path: str | os.PathLike, flag: str, resume: bool = False, o
         raise OutputDirError(f"{flag} {str(path)!r} already holds a model or checkpoints from another run; pass "
                              "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, "
                              "or choose another folder.")
+    if folder.is_dir() and (foreign := unrecorded(folder, writes)):
+        raise OutputDirError(f"{flag} {str(path)!r} holds {', '.join(foreign[:4])} not written by convnextv2-hf, "
+                             "which this run would have to replace (--overwrite_output_dir replaces only our own "
+                             "outputs); move them elsewhere or choose another folder.")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-probe-{os.getpid()}"
@@ -50,12 +62,25 @@ def check_output_dir(path: str | os.PathLike, flag: str, resume: bool = False, o
     return folder
 
 
+def remove_earlier_run(folder: str | os.PathLike, writes: tuple[str, ...] = RUN_OUTPUTS) -> list[str]:
+    """`--overwrite_output_dir`: delete the earlier run's checkpoints and results, ours only; returns their names."""
+    removed = []
+    for pattern in writes:
+        for path in sorted(Path(folder).glob(pattern)):
+            if is_ours(path):
+                remove_ours(path)
+                removed.append(path.name)
+    return removed
+
+
 def claim_output_dir(path: str | os.PathLike, resume: bool, overwrite: bool) -> "OutputDirLock":
-    """Check `--output_dir` can take this run, lock it (the lock is returned, held) and clear what a killed run left
-    half-written there. Called by the main process only."""
+    """Check `--output_dir` can take this run, lock it (the lock is returned, held), clear what a killed run left
+    half-written there and, with `overwrite` (and no resume), the earlier run's outputs. Main process only."""
     check_output_dir(path, "--output_dir", resume=resume, overwrite=overwrite)
     lock = OutputDirLock(path).__enter__()
     remove_staging_leftovers(path)
+    if overwrite and not resume:
+        remove_earlier_run(path)
     return lock
 
 

@@ -236,11 +236,14 @@ def finish(fcmae_run: FCMAERun, state: TrainingState, data: PretrainingData, pro
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(fcmae_run.model)
-        save_folder_atomically(args.output_dir, lambda folder: save_model_and_processor(model, processor, folder),
-                               "the final model", PRETRAINING_MARKER)
-        write_report(model, processor, state, data, fcmae_run.plan, model_args, data_args, args)
-        with open(os.path.join(args.output_dir, "train_results.json"), "w") as handle:
-            json.dump({k: v for k, v in summary.items() if k != "history"} | {"loss_history": history}, handle)
+
+        def write(folder: Path) -> None:
+            save_model_and_processor(model, processor, folder)
+            write_report(model, processor, state, data, fcmae_run.plan, model_args, data_args, args, folder)
+            with open(folder / "train_results.json", "w") as handle:
+                json.dump({k: v for k, v in summary.items() if k != "history"} | {"loss_history": history}, handle)
+
+        save_folder_atomically(args.output_dir, write, "the final model", PRETRAINING_MARKER)
         if args.push_to_hub:
             push_folder_to_hub(args.output_dir, args.hub_model_id or Path(args.output_dir).name, args.hub_token)
     accelerator.wait_for_everyone()
@@ -257,9 +260,10 @@ def preview_batch(dataset, image_column: str, processor, count: int = 8) -> torc
     return processor([data_utils.decode_image(row[image_column]) for row in rows], return_tensors="pt")["pixel_values"]
 
 
-def write_report(model, processor, state: TrainingState, data, plan: TrainingPlan, model_args, data_args, args) -> None:
-    """Loss curve, reconstruction grid and the model card."""
-    out, config = args.output_dir, model.config
+def write_report(model, processor, state: TrainingState, data, plan: TrainingPlan, model_args, data_args, args,
+                 out: Path) -> None:
+    """Loss curve, reconstruction grid and the model card, written into `out`."""
+    config = model.config
     curves = {"train": tuple(map(list, zip(*state.history))) if state.history else ([], [])}
     if state.validation:
         curves["validation"] = tuple(map(list, zip(*state.validation)))
@@ -276,7 +280,7 @@ def write_report(model, processor, state: TrainingState, data, plan: TrainingPla
     source = f"`{data_args.dataset_name}`" if data_args.dataset_name else f"images from the `{Path(data_args.train_dir).name}` folder"
     count = " (streamed)" if args.streaming else f", {len(data.train)} training images"
     save_model_card(model, CardInfo(
-        model_name=args.hub_model_id or Path(out).name,
+        model_name=args.hub_model_id or Path(args.output_dir).name,
         summary="ConvNeXt V2 pre-trained without labels by FCMAE (fully convolutional masked autoencoder).",
         data=source + count,
         recipe={"steps": str(state.completed_steps), "total batch": str(plan.total_batch),

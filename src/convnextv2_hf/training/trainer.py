@@ -7,13 +7,16 @@ rotated away only after that; a full disk is reported in one line with the newes
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
-from .checkpoints import STAGING_PREFIX, TRAINER_MARKER, failed_write_kept_out, publish, rotate_checkpoints
+from .checkpoints import (STAGING_PREFIX, TRAINER_MARKER, failed_write_kept_out, publish, rotate_checkpoints,
+                          staging_folder)
+from .manifest import remove_ours
 from .mixup import MixingTrainer
 
 EMA_WEIGHTS = "ema.safetensors"
@@ -59,6 +62,8 @@ class CrashSafeCheckpoints:
     def _save_checkpoint(self, model, trial) -> None:
         run_dir, name = self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}"
         staging = Path(run_dir, f"{STAGING_PREFIX}trainer")
+        if self.args.should_save:
+            staging_folder(run_dir, "trainer")
         output_dir, limit = self.args.output_dir, self.args.save_total_limit
         with failed_write_kept_out(staging, name, run_dir, TRAINER_MARKER):
             self.args.output_dir, self.args.save_total_limit = str(staging), None  # the Trainer writes here
@@ -81,7 +86,7 @@ class CrashSafeCheckpoints:
             self.state.save_to_json(str(staged / TRAINER_MARKER))
         publish(staged, final)
         if not any(staged.parent.iterdir()):
-            staged.parent.rmdir()
+            remove_ours(staged.parent)
 
 
 class FinetuningTrainer(CrashSafeCheckpoints, Trainer):
@@ -92,13 +97,23 @@ class MixingFinetuningTrainer(CrashSafeCheckpoints, MixingTrainer):
     pass
 
 
-def finished_run(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> dict | None:
-    """The saved results, if `checkpoint` is the last step of a run whose results are already written."""
+def finished_run(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, planned: int) -> dict | None:
+    """The saved results, if `checkpoint` already reached the `planned` steps of this run and its results are
+    written; with more steps planned (more epochs asked for) the run goes on from the checkpoint."""
     state = json.loads(Path(checkpoint, TRAINER_MARKER).read_text())
     results = Path(output_dir, "all_results.json")
-    if state.get("max_steps") and state["global_step"] >= state["max_steps"] and results.is_file():
+    if state["global_step"] >= planned and results.is_file():
         return json.loads(results.read_text())
     return None
+
+
+def planned_steps(training_args, num_samples: int) -> int:
+    """The optimizer steps the Trainer will plan: `max_steps`, or epochs x update steps per epoch."""
+    if training_args.max_steps > 0:
+        return training_args.max_steps
+    batches = -(-num_samples // (training_args.per_device_train_batch_size * training_args.world_size))
+    per_epoch = max(1, batches // training_args.gradient_accumulation_steps)
+    return math.ceil(training_args.num_train_epochs * per_epoch)
 
 
 def total_train_batch(training_args) -> int:

@@ -1,0 +1,150 @@
+"""A command deletes or replaces only what it can prove it wrote: user files beside our outputs, the source of a
+conversion or export, and images a demo is pointed at stay byte-identical (issue 21's data-loss cases)."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from conftest import REPO, TINY_OVERRIDES, make_image_folder, perturbed, run_as_user, tiny_config
+from convnextv2_hf import ConvNextV2ForImageClassification
+from convnextv2_hf.convert_convnextv2 import export_checkpoint
+from convnextv2_hf.training.manifest import MANIFEST_NAME
+
+CLI = [sys.executable, "-m", "convnextv2_hf.cli"]
+PRETRAIN = [sys.executable, str(REPO / "examples" / "pretraining" / "run_fcmae.py")]
+FINETUNE = [sys.executable, str(REPO / "examples" / "classification" / "run_finetune.py")]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (our manifest aside), by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST_NAME}
+
+
+def user_files(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "notes.md").write_text("my notes\n")
+    Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(folder / "holiday.jpg")
+    (folder / "photos").mkdir(exist_ok=True)
+    (folder / "photos" / "a.txt").write_text("a")
+    return folder
+
+
+def assert_one_line(result, *words):
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+
+
+def test_convert_into_a_folder_holding_the_source_keeps_everything(tmp_path):
+    folder = user_files(tmp_path / "p")
+    export_checkpoint(perturbed(ConvNextV2ForImageClassification(tiny_config())), "reference", folder / "ref.pth")
+    before = snapshot(folder)
+    result = run_as_user([*CLI, "convert", "--from", "reference", "--checkpoint", "ref.pth", "--output_dir", "."],
+                         tmp_path, cwd=folder)
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = snapshot(folder)
+    assert {k: after[k] for k in before} == before
+    assert (folder / "model.safetensors").is_file()
+    # converting again with --overwrite_output_dir replaces our model, and still nothing of the user's
+    again = run_as_user([*CLI, "convert", "--from", "reference", "--checkpoint", "ref.pth", "--output_dir", ".",
+                         "--overwrite_output_dir"], tmp_path, cwd=folder)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert {k: v for k, v in snapshot(folder).items() if k in before} == before
+
+
+def test_convert_refuses_to_write_over_its_own_input(tmp_path):
+    source = tmp_path / "hf"
+    ConvNextV2ForImageClassification(tiny_config()).save_pretrained(source)
+    before = snapshot(source)
+    for output in (source, source.parent / "hf"):
+        result = run_as_user([*CLI, "convert", "--from", "transformers", "--checkpoint", str(source), "--output_dir",
+                              str(output), "--overwrite_output_dir"], tmp_path)
+        assert_one_line(result, "--checkpoint", "overwritten")
+    assert snapshot(source) == before
+
+
+def test_export_never_overwrites_the_model_it_reads_or_a_users_file(tmp_path):
+    model = tmp_path / "M"
+    perturbed(ConvNextV2ForImageClassification(tiny_config())).save_pretrained(model)
+    before = snapshot(model)
+    for layout, name in (("timm", "model.safetensors"), ("reference", "model.safetensors"), ("timm", "new.pth")):
+        result = run_as_user([*CLI, "export", "--to", layout, "--model_name_or_path", str(model), "--output",
+                              str(model / name)], tmp_path)
+        assert_one_line(result, "inside the model folder")
+    assert snapshot(model) == before
+    users = user_files(tmp_path / "elsewhere")
+    kept = snapshot(users)
+    result = run_as_user([*CLI, "export", "--to", "reference", "--model_name_or_path", str(model), "--output",
+                          str(users / "notes.md")], tmp_path)
+    assert_one_line(result, "notes.md", "not written by convnextv2-hf")
+    for _ in range(2):  # a second export replaces the first: that file is ours
+        result = run_as_user([*CLI, "export", "--to", "reference", "--model_name_or_path", str(model), "--output",
+                              str(users / "ref.pth")], tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert {k: v for k, v in snapshot(users).items() if k in kept} == kept
+
+
+def test_demo_never_deletes_folders_it_did_not_write(tmp_path):
+    project = user_files(tmp_path / "proj")
+    make_image_folder(project / "data", per_class=2, corrupt=False)
+    (project / "runs").mkdir()
+    (project / "runs" / "log.txt").write_text("my run log")
+    before = snapshot(project)
+    result = run_as_user([*CLI, "demo", "--output_dir", str(project), "--quick"], tmp_path)
+    assert_one_line(result, "data", "not written by convnextv2-hf")
+    result = run_as_user([*CLI, "demo", "--output_dir", str(project), "--quick", "--train_dir",
+                          str(project / "data"), "--overwrite_output_dir"], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert snapshot(project) == before
+
+
+def test_demo_refuses_images_inside_its_own_outputs(tmp_path):
+    from convnextv2_hf.training.manifest import record
+
+    project = tmp_path / "proj"
+    make_image_folder(project / "data" / "train", per_class=2, corrupt=False)
+    record(project, "data")  # as an earlier demo run would have
+    before = snapshot(project)
+    result = run_as_user([*CLI, "demo", "--output_dir", str(project), "--quick", "--train_dir",
+                          str(project / "data" / "train")], tmp_path)
+    assert_one_line(result, "--train_dir", "inside the demo's own output")
+    assert snapshot(project) == before
+
+
+def pretrain_args(images, out, *extra):
+    return ["--train_dir", str(images), "--output_dir", str(out), "--config_overrides", TINY_OVERRIDES,
+            "--image_size", "32", "--per_device_train_batch_size", "4", "--num_warmup_steps", "1",
+            "--sparse_grn_scope", "sample", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", *extra]
+
+
+def finetune_args(images, out, *extra):
+    return ["--train_dir", str(images), "--output_dir", str(out), "--config_overrides", TINY_OVERRIDES,
+            "--image_size", "32", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+            "--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "2", "--eval_strategy", "no",
+            "--report_to", "none", "--train_val_split", "0.25", "--disable_tqdm", "true", *extra]
+
+
+def run_ok(command, tmp_path):
+    result = run_as_user(command, tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_overwrite_output_dir_starts_over_without_the_earlier_runs_checkpoints(tmp_path):
+    images = make_image_folder(tmp_path / "images", per_class=6, corrupt=False)
+    for script, args, steps in ((PRETRAIN, pretrain_args, ("--max_train_steps",)),
+                                (FINETUNE, finetune_args, ("--max_steps",))):
+        out = user_files(tmp_path / f"out-{Path(script[1]).stem}")
+        mine = snapshot(out)
+        run_ok([*script, *args(images, out, steps[0], "6")], tmp_path)
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
+        run_ok([*script, *args(images, out, steps[0], "3", "--overwrite_output_dir")], tmp_path)
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+        assert {k: v for k, v in snapshot(out).items() if k in mine} == mine
+        run_ok([*script, *args(images, out, steps[0], "4", "--resume_from_checkpoint", "latest")], tmp_path)
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
