@@ -45,6 +45,19 @@ def _number(low: float, high: float | None = None, low_open: bool = False, integ
     return check
 
 
+def _boolean(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be true or false, got {value!r}.")
+
+
+def _positive_integers(name: str, value) -> None:
+    if value is None:
+        return  # transformers fills the default in later
+    values = list(value) if isinstance(value, (list, tuple)) else None
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ValueError(f"`{name}` must be a list of positive integers, got {value!r}.")
+
+
 # Checked whenever the field is set: at construction, by `from_pretrained(..., field=value)` and by assignment.
 FIELD_CHECKS = {
     "mask_ratio": _number(0.0, 1.0, low_open=True),
@@ -55,6 +68,13 @@ FIELD_CHECKS = {
     "sparse_grn_scope": _one_of(SPARSE_GRN_SCOPES),
     "mask_strategy": _one_of(MASK_STRATEGIES),
     "sparse_backend": _one_of(SPARSE_BACKEND_NAMES),
+    "use_grn": _boolean,
+    "norm_pix_loss": _boolean,
+    "depths": _positive_integers,
+    "hidden_sizes": _positive_integers,
+    "image_size": _number(1, integer=True),
+    "num_channels": _number(1, integer=True),
+    "layer_norm_eps": _number(0.0, low_open=True),
 }
 
 

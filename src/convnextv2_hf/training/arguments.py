@@ -12,10 +12,11 @@ import ast
 import dataclasses
 import difflib
 import json
+import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..configuration_convnextv2 import CONVNEXTV2_PRESETS, ConvNextV2Config
+from ..configuration_convnextv2 import CONVNEXTV2_PRESETS, FIELD_CHECKS, ConvNextV2Config
 from .data import MAX_IMAGE_PIXELS
 
 
@@ -130,6 +131,8 @@ class PretrainingArguments:
                 every, 'a positive integer or "epoch"')
         require(not self.streaming or self.max_train_steps is not None, "streaming", True,
                 "combined with --max_train_steps (a stream has no length to count epochs by)")
+        if self.with_tracking:
+            check_trackers_installed(self.report_to)
 
 
 @dataclass
@@ -176,6 +179,71 @@ REFERENCE_TRAINER_DEFAULTS = dict(
 )
 
 
+def check_trainer_arguments(training_args) -> None:
+    """What transformers' `TrainingArguments` accepts but cannot train with, refused before any work."""
+    check_positive(training_args, "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+                   "gradient_accumulation_steps", "learning_rate")
+    check_positive(training_args, "weight_decay", "warmup_steps", allow_zero=True)
+    require(training_args.max_steps == -1 or training_args.max_steps > 0, "max_steps", training_args.max_steps,
+            "greater than zero (or -1: use --num_train_epochs)")
+    smoothing = training_args.label_smoothing_factor
+    require(0 <= smoothing < 1, "label_smoothing_factor", smoothing, "in [0, 1)")
+    check_trackers_installed(training_args.report_to or [])
+
+
+def check_trackers_installed(names) -> None:
+    """Every logger named in `--report_to` must be importable: a run that was asked to log must not run unlogged."""
+    import importlib.util
+
+    modules = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",),
+               "mlflow": ("mlflow",), "clearml": ("clearml",), "aim": ("aim",), "dvclive": ("dvclive",),
+               "trackio": ("trackio",), "swanlab": ("swanlab",), "neptune": ("neptune",)}
+    for name in [names] if isinstance(names, str) else names:
+        if name in ("none", "all"):
+            continue
+        candidates = modules.get(name, (name,))
+        if not any(importlib.util.find_spec(module) for module in candidates):
+            raise ValueError(f"--report_to {name}: {candidates[0]} is not installed; pip install {candidates[0]}, or "
+                             "choose another logger (--report_to none logs nothing).")
+
+
+# --------------------------------------------------------------------------------------------- given flags
+
+
+def parse_marking_given(parser, argv: list[str] | None):
+    """`parser.parse_args_into_dataclasses(argv)`, each of our dataclasses told which of its flags the command line
+    gave (`given_flags`), so that only an explicitly given flag overrides `--config_overrides` or a checkpoint."""
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    words = {word.split("=", 1)[0] for word in (sys.argv[1:] if argv is None else argv) if word.startswith("--")}
+    given = {action.dest for action in parser._actions if words & set(action.option_strings)}
+    for args in parsed:
+        if type(args).__module__ == __name__:
+            args.given_flags = given
+    return parsed
+
+
+def flag_given(args, name: str) -> bool:
+    """Whether `--name` was given; for arguments built in Python, whether it differs from its default."""
+    given = getattr(args, "given_flags", None)
+    if given is not None:
+        return name in given
+    default = next(f.default for f in dataclasses.fields(args) if f.name == name)
+    return getattr(args, name) != default
+
+
+def merge_flag_into_overrides(overrides: dict, args, name: str, fallback=dataclasses.MISSING) -> None:
+    """A config field that both a dedicated flag and `--config_overrides` can set: the two must agree; the given
+    one wins; with neither, `fallback` (if any) is used, else the field is left to the config or checkpoint."""
+    value, given = getattr(args, name), flag_given(args, name)
+    if given and name in overrides and overrides[name] != value:
+        raise ValueError(f"--{name} {value!r} and --config_overrides {name}={overrides[name]!r} disagree; give one "
+                         "of them.")
+    if given:
+        overrides[name] = value
+    elif name not in overrides and fallback is not dataclasses.MISSING:
+        overrides[name] = fallback
+
+
 # --------------------------------------------------------------------------------------------- config overrides
 
 
@@ -219,4 +287,9 @@ def parse_config_overrides(text: str | None) -> dict:
             hint = f"; did you mean {close[0]!r}?" if close else "; see ConvNextV2Config for the fields."
             raise ValueError(f"--config_overrides: {key!r} is not a ConvNextV2Config field{hint}")
         overrides[key] = parse_literal(value.strip())
+        if key in FIELD_CHECKS:
+            try:
+                FIELD_CHECKS[key](key, overrides[key])
+            except ValueError as error:
+                raise ValueError(f"--config_overrides {part.strip()!r}: {error}") from None
     return overrides

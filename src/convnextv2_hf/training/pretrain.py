@@ -22,7 +22,7 @@ from transformers import HfArgumentParser, get_scheduler
 from ..hub import ensure_hub_available, push_folder_to_hub
 from ..masking import random_masking
 from . import data as data_utils
-from .arguments import DataArguments, ModelArguments, PretrainingArguments
+from .arguments import DataArguments, ModelArguments, PretrainingArguments, parse_marking_given
 from .augmentation import PretrainTransform
 from .checkpoints import PRETRAINING_MARKER, save_folder_atomically, save_model_and_processor
 from .fcmae_engine import FCMAERun, TrainingPlan, TrainingState, resume, train
@@ -47,7 +47,7 @@ class PretrainingData:
 def parse_args(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, PretrainingArguments),
                               description="Pre-train ConvNeXt V2 with FCMAE (Accelerate).")
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_marking_given(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -147,7 +147,8 @@ def load_data(data_args: DataArguments, args: PretrainingArguments, accelerator)
     skipped = None
     with accelerator.main_process_first():
         if data_args.skip_corrupt_images:
-            results = {name: data_utils.drop_unreadable(split, image_column, data_args.max_image_pixels)
+            results = {name: data_utils.drop_unreadable(split, image_column, data_args.max_image_pixels,
+                                                        processed=name == "validation")
                        for name, split in splits.items()}
             splits = {name: result[0] for name, result in results.items()}
             skipped = sum(result[1] or 0 for result in results.values()) if not args.streaming else None
