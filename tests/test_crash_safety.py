@@ -18,8 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, TINY_OVERRIDES, make_image_folder, user_env, write_photo
 from convnextv2_hf import ConvNextV2ImageProcessor
-from convnextv2_hf.training.checkpoints import CheckpointWriteError, complete_checkpoints
-from convnextv2_hf.training.fcmae_engine import NonFiniteLossError
+from convnextv2_hf.training.checkpoints import CheckpointWriteError, NonFiniteLossError, complete_checkpoints
 from convnextv2_hf.training.finetune import main as finetune
 from convnextv2_hf.training.output_dir import LOCK_NAME, OutputDirError, OutputDirLock, check_output_dir
 from convnextv2_hf.training.pretrain import main as pretrain

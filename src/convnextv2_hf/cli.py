@@ -90,6 +90,7 @@ def export(args: argparse.Namespace) -> None:
     """Write one of our checkpoints in the reference repository's or timm's layout."""
     from . import ConvNextV2Config, ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
     from .convert_convnextv2 import export_checkpoint
+    from .training.models import load_checked
 
     source, output = args.model_name_or_path, Path(args.output)
     if not os.path.isdir(source) and (os.path.exists(source) or source.startswith((".", "/", "~")) or source.count("/") > 1):
@@ -102,7 +103,7 @@ def export(args: argparse.Namespace) -> None:
     config = ConvNextV2Config.from_pretrained(source)
     fcmae = "ConvNextV2ForMaskedImageModeling" in (config.architectures or [])
     model_class = ConvNextV2ForMaskedImageModeling if fcmae else ConvNextV2ForImageClassification
-    model = model_class.from_pretrained(source)
+    model = load_checked(model_class, source, config)
     foreign = export_checkpoint(model, args.layout, output)
     print(f"wrote {len(foreign)} tensors in the {args.layout} layout to {output}")
 

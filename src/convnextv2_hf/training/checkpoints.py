@@ -14,7 +14,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from .manifest import is_ours, record, remove_ours, replace_ours, written_names
 
@@ -111,7 +111,70 @@ def find_checkpoint(output_dir: str | os.PathLike, requested: str, marker: str =
         raise FileNotFoundError(f"--resume_from_checkpoint: {found} lacks {', '.join(missing)}, so the optimizer or "
                                 "learning-rate schedule would restart from scratch; restore the file or resume from "
                                 "another checkpoint.")
+    check_weight_files(found, "--resume_from_checkpoint", counters_allowed=True)
     return str(found)
+
+
+def check_weight_files(folder: str | os.PathLike, flag: str, counters_allowed: bool = False) -> None:
+    """Every `*.safetensors` file in `folder` must be readable and hold finite floating-point weights: a truncated
+    copy, integer or NaN weights would otherwise load (cast or as they are) and train on silently. With
+    `counters_allowed`, integer tensors (a checkpoint's step counters, e.g. the EMA's `n_averaged`) pass."""
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    check_weight(handle.get_tensor(key), key, file, flag, counters_allowed)
+        except SafetensorError as error:
+            raise ValueError(f"{flag} {folder}: {file.name} cannot be read ({error}); it is truncated or damaged, so "
+                             "copy it again or start from another checkpoint.") from None
+
+
+def check_same_model(checkpoint: str | os.PathLike, model) -> None:
+    """The checkpoint's weights (shapes read from the file header only) must fit `model`: resuming a run of another
+    size would otherwise fail deep inside `load_state_dict`."""
+    file = Path(checkpoint, "model.safetensors")
+    if not file.is_file():
+        return
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    with safe_open(str(file), framework="pt") as handle:
+        found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    differing = [key for key in found if key in expected and found[key] != expected[key]]
+    if differing or not set(found) & set(expected):
+        key = differing[0] if differing else next(iter(found), "(none)")
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} holds a different model than this run builds (e.g. {key}: "
+            f"{found.get(key)} there, {expected.get(key)} here); resume with the arguments it was started with "
+            "(--model_preset, --config_overrides, --model_name_or_path), or start a new --output_dir."
+        )
+
+
+def check_weight(tensor, key: str, file: Path, flag: str, counters_allowed: bool) -> None:
+    if not tensor.is_floating_point() and counters_allowed:
+        return
+    if not tensor.is_floating_point():
+        raise ValueError(f"{flag} {file.parent}: weight {key} in {file.name} is {tensor.dtype}, not floating point; "
+                         "the file is damaged or not a model: start from another checkpoint.")
+    if not bool(tensor.isfinite().all()):
+        raise ValueError(f"{flag} {file.parent}: weight {key} in {file.name} holds NaN or infinite values; start "
+                         "from another checkpoint (or resume from an earlier one).")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; nothing of that step was applied to the weights."""
+
+
+def check_finite_loss(loss, step: int, output_dir: str | os.PathLike, marker: str) -> None:
+    """Stop before a NaN or infinite `loss` (a tensor, gathered over processes) reaches the weights."""
+    if bool(loss.isfinite().all()):
+        return
+    try:
+        latest = find_checkpoint(output_dir, "latest", marker)
+    except FileNotFoundError:
+        latest = "none was written yet"
+    raise NonFiniteLossError(
+        f"The loss became {loss.max().item()} at step {step + 1}; training stopped before applying it (newest "
+        f"checkpoint: {latest}). Check the images for NaN/Inf pixels, or lower the learning rate."
+    )
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:

@@ -18,6 +18,8 @@ import torch
 from .checkpoints import (
     PRETRAINING_MARKER,
     STAGING_PREFIX,
+    check_finite_loss,
+    check_same_model,
     checkpoint_step,
     failed_write_kept_out,
     find_checkpoint,
@@ -28,10 +30,6 @@ from .checkpoints import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; nothing of that step was applied to the weights."""
 
 
 @dataclass
@@ -113,19 +111,6 @@ class FCMAERun:
     progress: Any = None
 
 
-def check_finite(loss: torch.Tensor, step: int, run: FCMAERun) -> None:
-    if not torch.isfinite(loss).all():
-        latest = "none was written yet"
-        try:
-            latest = find_checkpoint(run.args.output_dir, "latest")
-        except FileNotFoundError:
-            pass
-        raise NonFiniteLossError(
-            f"The loss became {loss.max().item()} at step {step + 1}; training stopped before applying it (newest "
-            f"checkpoint: {latest}). Check the images for NaN/Inf pixels, or lower the learning rate."
-        )
-
-
 def epoch_batches(run: FCMAERun, epoch: int, skip: int):
     """The loader for `epoch`, with its first `skip` batches left out when resuming in the middle of it."""
     if run.sampler is None:
@@ -148,7 +133,7 @@ def train_one_epoch(run: FCMAERun, epoch: int, state: TrainingState, skip: int =
         with accelerator.accumulate(run.model):
             loss = run.model(**batch).loss
             gathered = accelerator.gather(loss.detach().float().reshape(1))
-            check_finite(gathered, state.completed_steps, run)
+            check_finite_loss(gathered, state.completed_steps, run.args.output_dir, PRETRAINING_MARKER)
             accelerator.backward(loss)
             run.optimizer.step()
             run.scheduler.step()
@@ -209,6 +194,7 @@ def save_checkpoint(run: FCMAERun, state: TrainingState) -> str:
 def resume(run: FCMAERun, requested: str) -> TrainingState:
     """Load the weights, optimizer, scheduler and RNG states of a checkpoint; returns its training state."""
     path = find_checkpoint(run.args.output_dir, requested)
+    check_same_model(path, run.accelerator.unwrap_model(run.model))
     run.accelerator.load_state(path)
     saved = read_training_state(path)
     state = TrainingState(saved["completed_steps"], saved["history"], saved.get("validation", []))
@@ -219,16 +205,30 @@ def resume(run: FCMAERun, requested: str) -> TrainingState:
 def train(run: FCMAERun, state: TrainingState) -> TrainingState:
     """Epochs until the plan's last step; validation loss after each epoch when there is a validation split."""
     start_epoch, skip = run.plan.resume_position(state.completed_steps, run.args.gradient_accumulation_steps)
+    if missed_validation(run, state, skip):  # killed between the epoch's last checkpoint and its validation
+        validate(run, state, start_epoch if skip == 0 else start_epoch + 1)
     for epoch in range(start_epoch, run.plan.num_epochs):
         if state.completed_steps >= run.plan.max_train_steps:
             break
         train_one_epoch(run, epoch, state, skip if epoch == start_epoch else 0)
         if run.eval_loader is not None:
-            loss = evaluate(run)
-            state.validation.append([state.completed_steps, loss])
-            run.accelerator.print(f"epoch {epoch + 1}: validation loss {loss:.4f}")
-            if run.args.with_tracking:
-                run.accelerator.log({"validation_loss": loss}, step=state.completed_steps)
+            validate(run, state, epoch + 1)
         if run.plan.checkpoint_every == "epoch":
             save_checkpoint(run, state)
     return state
+
+
+def missed_validation(run: FCMAERun, state: TrainingState, skip: int) -> bool:
+    """Whether a resumed run starts where an epoch (or the run) ended but that epoch's validation loss is missing."""
+    at_an_end = (skip == 0 and bool(run.plan.steps_per_epoch)) or state.completed_steps >= run.plan.max_train_steps
+    done = any(step == state.completed_steps for step, _ in state.validation)
+    return run.eval_loader is not None and state.completed_steps > 0 and at_an_end and not done
+
+
+def validate(run: FCMAERun, state: TrainingState, epoch: int) -> None:
+    """Record (and log) the validation loss after `epoch` (counted from 1)."""
+    loss = evaluate(run)
+    state.validation.append([state.completed_steps, loss])
+    run.accelerator.print(f"epoch {epoch}: validation loss {loss:.4f}")
+    if run.args.with_tracking:
+        run.accelerator.log({"validation_loss": loss}, step=state.completed_steps)

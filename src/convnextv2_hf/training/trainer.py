@@ -14,8 +14,8 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
-from .checkpoints import (STAGING_PREFIX, TRAINER_MARKER, failed_write_kept_out, publish, rotate_checkpoints,
-                          staging_folder)
+from .checkpoints import (STAGING_PREFIX, TRAINER_MARKER, check_finite_loss, failed_write_kept_out, publish,
+                          rotate_checkpoints, staging_folder)
 from .manifest import remove_ours
 from .mixup import MixingTrainer
 
@@ -89,11 +89,22 @@ class CrashSafeCheckpoints:
             remove_ours(staged.parent)
 
 
-class FinetuningTrainer(CrashSafeCheckpoints, Trainer):
+class StopsOnNonFiniteLoss:
+    """Mixin for `Trainer` classes: a NaN or infinite loss (in any process) stops training before the optimizer
+    applies that step, instead of saving a model of NaNs."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        check_finite_loss(self.accelerator.gather(loss.detach().float().reshape(1)), self.state.global_step,
+                          self.args.output_dir, TRAINER_MARKER)
+        return loss
+
+
+class FinetuningTrainer(StopsOnNonFiniteLoss, CrashSafeCheckpoints, Trainer):
     pass
 
 
-class MixingFinetuningTrainer(CrashSafeCheckpoints, MixingTrainer):
+class MixingFinetuningTrainer(StopsOnNonFiniteLoss, CrashSafeCheckpoints, MixingTrainer):
     pass
 
 
