@@ -63,12 +63,11 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """
     if image.mode == "RGB":
         return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        bits = 16 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 8
-        scale = 255.0 / (2**bits - 1) if image.mode != "F" or array.max(initial=0) > 1 else 255.0
-        array = np.clip(array * scale, 0, 255).astype(np.uint8)
-        return PIL.Image.fromarray(array, mode="L").convert("RGB")
+    if image.mode.startswith("I;16"):
+        array = np.asarray(image, dtype=np.float64) * (255.0 / 65535)
+        return PIL.Image.fromarray(array.astype(np.uint8), mode="L").convert("RGB")
+    if image.mode in ("I", "F"):  # 32-bit integers or floats: the same value rules as NumPy arrays
+        return PIL.Image.fromarray(array_to_uint8(np.asarray(image)), mode="L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -81,7 +80,9 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 def array_to_uint8(array: np.ndarray, do_rescale: bool = True) -> np.ndarray:
     """Bring array pixels to 8 bits: 16-bit integers are rescaled (not clipped); floats in [0, 1] are taken as
     already rescaled (`x * 255`, logged once) and floats in [0, 255] as plain values. Anything else is refused."""
-    if array.dtype == np.uint8 or array.dtype == bool or array.size == 0:
+    if array.dtype == bool:  # a binary image: False black, True white
+        return array.astype(np.uint8) * 255
+    if array.dtype == np.uint8 or array.size == 0:
         return array
     low, high = array.min(), array.max()
     if array.dtype.kind in "ui":
@@ -100,6 +101,16 @@ def array_to_uint8(array: np.ndarray, do_rescale: bool = True) -> np.ndarray:
         logger.warning_once("Float images with values in [0, 1] are taken as already rescaled (multiplied by 255).")
         array = array * 255.0
     return np.round(array).astype(np.uint8)
+
+
+def check_normalisation(image_mean, image_std) -> None:
+    """`image_mean` and `image_std` must give one finite value per RGB channel (or one for all), std above 0."""
+    for name, values in (("image_mean", image_mean), ("image_std", image_std)):
+        values = [values] if isinstance(values, (int, float)) else list(values)
+        if len(values) not in (1, 3) or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in values):
+            raise ValueError(f"`{name}` must be 3 numbers (one per RGB channel), got {values!r}.")
+        if name == "image_std" and min(values) <= 0:
+            raise ValueError(f"`image_std` must be above 0 (it divides the pixels), got {values!r}.")
 
 
 def check_aspect_ratio(height: int, width: int) -> None:
@@ -153,6 +164,21 @@ class ConvNextV2ImageProcessor(_ConvNextProcessor):
     mask_seed = None
     model_input_names = ["pixel_values"]
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        check_normalisation(self.image_mean, self.image_std)
+
+    def _prepare_images_structure(self, images, expected_ndims: int = 3):
+        """A greyscale (H, W) array or tensor, alone or in a list, is one image: given three equal channels."""
+        def widened(image):
+            if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 2:
+                return image[..., None].repeat(1, 1, 3) if isinstance(image, torch.Tensor) else np.repeat(
+                    image[..., None], 3, axis=-1)
+            return image
+
+        images = [widened(image) for image in images] if isinstance(images, (list, tuple)) else widened(images)
+        return super()._prepare_images_structure(images, expected_ndims=expected_ndims)
+
     def process_image(self, image, *args, do_rescale: bool | None = None, **kwargs):
         if isinstance(image, PIL.Image.Image):
             check_aspect_ratio(image.height, image.width)
@@ -160,8 +186,6 @@ class ConvNextV2ImageProcessor(_ConvNextProcessor):
         elif isinstance(image, (torch.Tensor, np.ndarray)):
             array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
             image = array_to_uint8(array, self.do_rescale if do_rescale is None else do_rescale)
-            if image.ndim == 2:  # grayscale (H, W)
-                image = np.repeat(image[..., None], 3, axis=-1)
         image = super().process_image(image, *args, do_rescale=do_rescale, **kwargs)
         check_aspect_ratio(*image.shape[-2:])
         if image.shape[0] == 1:  # grayscale arrays

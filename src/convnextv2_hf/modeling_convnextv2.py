@@ -177,6 +177,26 @@ def check_kwargs(model: nn.Module, kwargs: dict, parameters: tuple[str, ...]) ->
         raise TypeError(f"{type(model).__name__}.forward() got an unexpected keyword argument {unknown[0]!r}{hint}")
 
 
+def check_labels(labels, logits: torch.Tensor, config: ConvNextV2Config) -> None:
+    """Class indices (or -100, ignored) for single-label problems; `(batch, num_labels)` scores for multi-label ones.
+    transformers would read a 1-D bool or float tensor as multi-label targets and fail on the shape later."""
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"`labels` must be a torch.Tensor of class indices, got {type(labels).__name__}.")
+    if config.problem_type == "regression" or (config.num_labels == 1 and labels.is_floating_point()):
+        return
+    if labels.shape == logits.shape and (labels.is_floating_point() or labels.dtype == torch.bool):
+        return  # multi-label targets
+    if labels.is_floating_point() or labels.dtype == torch.bool or labels.dim() != 1:
+        raise ValueError(
+            f"`labels` must be integer class indices of shape (batch,), or multi-label float targets of shape "
+            f"{tuple(logits.shape)}; got {labels.dtype} of shape {tuple(labels.shape)}."
+        )
+    valid = (labels == -100) | ((labels >= 0) & (labels < config.num_labels))
+    if not bool(valid.all()):
+        raise ValueError(f"`labels` must lie in 0..{config.num_labels - 1} (the model's classes) or be -100 (ignored), "
+                         f"got {labels[~valid][0].item()}.")
+
+
 def check_pixel_values(pixel_values, config: ConvNextV2Config, dtype: torch.dtype, multiple: bool = False) -> None:
     """Raise a `ValueError` naming the problem if `pixel_values` is not a valid `(N, C, H, W)` batch for the model."""
     if pixel_values is None:
@@ -185,6 +205,8 @@ def check_pixel_values(pixel_values, config: ConvNextV2Config, dtype: torch.dtyp
         raise ValueError(f"`pixel_values` must be a torch.Tensor (from {PROCESSOR_HINT}), got {type(pixel_values).__name__}.")
     if pixel_values.dim() != 4:
         raise ValueError(f"`pixel_values` must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}.")
+    if pixel_values.shape[0] == 0:
+        raise ValueError(f"`pixel_values` holds no images (batch size 0, shape {tuple(pixel_values.shape)}).")
     if pixel_values.shape[1] != config.num_channels:
         raise ValueError(
             f"`pixel_values` has {pixel_values.shape[1]} channels but the model expects {config.num_channels} "
@@ -374,6 +396,7 @@ class ConvNextV2ForImageClassification(ConvNextV2PreTrainedModel):
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:
+            check_labels(labels, logits, self.config)
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
         return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 

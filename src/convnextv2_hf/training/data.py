@@ -20,7 +20,7 @@ from datasets.packaged_modules.folder_based_builder.folder_based_builder import 
 from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
 from huggingface_hub import is_offline_mode
 
-from ..image_processing_convnextv2 import to_rgb
+from ..image_processing_convnextv2 import check_aspect_ratio, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +51,16 @@ class FolderScan:
 
 
 def scan_folder(root: str | os.PathLike, flag: str, ignore_metadata: bool = False) -> FolderScan:
-    """List the images under `root` (any depth, hidden files skipped); fail clearly on an empty folder or a metadata
-    file the user did not ask for (it would make `imagefolder` read only the files it lists)."""
+    """List the images under `root` (any depth, following symbolic links as torchvision's `ImageFolder` does; names
+    starting with "." inside `root` skipped); fail clearly on an empty folder or a metadata file the user did not ask
+    for (it would make `imagefolder` read only the files it lists). Broken links are counted with the ignored files."""
     scan = FolderScan(Path(root))
     if not scan.root.is_dir():
         raise FileNotFoundError(f"{flag} {str(root)!r} is not a directory.")
-    for path in sorted(p for p in scan.root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts)):
-        if path.name in METADATA_FILENAMES:
+    for path in walk_files(scan.root):
+        if not path.exists():
+            scan.ignored.append(path)  # a link to nothing
+        elif path.name in METADATA_FILENAMES:
             scan.metadata.append(path)
         elif path.suffix.lower() in IMAGE_EXTENSIONS:
             scan.images.append(path)
@@ -70,8 +73,25 @@ def scan_folder(root: str | os.PathLike, flag: str, ignore_metadata: bool = Fals
         others = f" ({len(scan.ignored)} other files, e.g. {scan.ignored[0].name})" if scan.ignored else ""
         raise ValueError(f"{flag} {str(root)!r} holds no image files{others}; supported: .png, .jpg, .jpeg, .webp, ...")
     if scan.ignored:
-        logger.warning("%s: ignoring %d non-image file(s), e.g. %s", flag, len(scan.ignored), scan.ignored[0])
+        broken = sum(not p.exists() for p in scan.ignored)
+        logger.warning("%s: ignoring %d non-image file(s) (%d broken link(s)), e.g. %s", flag, len(scan.ignored),
+                       broken, scan.ignored[0])
     return scan
+
+
+def walk_files(root: Path) -> list[Path]:
+    """Files (and broken links) under `root`, sorted, through linked folders too (each real folder once, so a
+    link loop ends); hidden names inside `root` are skipped."""
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        found.extend(Path(folder, name) for name in files if not name.startswith("."))
+    return sorted(found)
 
 
 def check_class_layout(scan: FolderScan, flag: str) -> list[str]:
@@ -209,17 +229,33 @@ def decode_image(record: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.I
         raise unreadable(record.get("path"), error) from None
 
 
+def decode_for_processor(record: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.Image:
+    """[`decode_image`], also refusing (naming the file) what the image processor would refuse at evaluation time:
+    an aspect ratio so extreme that resizing its short side would make a huge image."""
+    image = decode_image(record, max_pixels)
+    try:
+        check_aspect_ratio(image.height, image.width)
+    except ValueError as error:
+        path = record.get("path") if isinstance(record, dict) else None
+        raise UnreadableImageError(f"Image {path or '<in-memory image>'}: {error} (or pass --skip_corrupt_images)"
+                                   ) from None
+    return image
+
+
 def unreadable(path: str | None, error: Exception) -> UnreadableImageError:
     return UnreadableImageError(
         f"Cannot read image {path or '<in-memory bytes>'}: {error}. Remove the file or pass --skip_corrupt_images.")
 
 
-def drop_unreadable(dataset: Dataset | IterableDataset, image_column: str, max_pixels: int = MAX_IMAGE_PIXELS):
-    """Filter out undecodable images, naming each in a warning; returns (dataset, number dropped, or None when
-    streaming)."""
+def drop_unreadable(dataset: Dataset | IterableDataset, image_column: str, max_pixels: int = MAX_IMAGE_PIXELS,
+                    processed: bool = False):
+    """Filter out undecodable images (with `processed`, also those the image processor would refuse), naming each
+    in a warning; returns (dataset, number dropped, or None when streaming)."""
+    decode = decode_for_processor if processed else decode_image
+
     def readable(row) -> bool:
         try:
-            decode_image(row[image_column], max_pixels)
+            decode(row[image_column], max_pixels)
         except UnreadableImageError as error:
             logger.warning("Skipping: %s", error)
             return False
@@ -241,9 +277,10 @@ def check_headers(dataset: Dataset, image_column: str, max_pixels: int = MAX_IMA
 
 
 def check_readable(dataset: Dataset, image_column: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
-    """Decode every image once before training, so a bad file fails now (naming it), not after hours of training."""
+    """Decode every evaluation image once before training, so a file that evaluation (the image processor) cannot
+    take fails now, naming it, not after hours of training."""
     for record in dataset[image_column]:
-        decode_image(record, max_pixels)
+        decode_for_processor(record, max_pixels)
 
 
 def check_not_empty(dataset: Dataset | IterableDataset, split: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,11 @@ from transformers import HfArgumentParser, TrainingArguments
 from ..hub import ensure_hub_available, push_folder_to_hub
 from ..metrics import metric_path
 from . import data as data_utils
-from .arguments import REFERENCE_TRAINER_DEFAULTS, DataArguments, FinetuningArguments, ModelArguments
+from .arguments import (REFERENCE_TRAINER_DEFAULTS, DataArguments, FinetuningArguments, ModelArguments,
+                        check_trainer_arguments, parse_marking_given)
 from .augmentation import PretrainTransform, SeededAugmentedDataset
-from .checkpoints import TRAINER_MARKER, find_checkpoint, save_folder_atomically, save_model_and_processor
+from .checkpoints import (TRAINER_MARKER, check_same_model, find_checkpoint, save_folder_atomically,
+                          save_model_and_processor)
 from .mixup import MixupCutmixCollator
 from .models import init_head_small, load_classifier, training_processor
 from .optim import create_optimizer
@@ -60,7 +63,7 @@ def parse_args(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, FinetuningArguments, TrainingArguments),
                               description="Fine-tune a ConvNeXt V2 image classifier with the Trainer.")
     parser.set_defaults(**REFERENCE_TRAINER_DEFAULTS)
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_marking_given(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -73,6 +76,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: Finetuning
     """Fine-tune: load and check the data, build the classifier, train with the Trainer, save a pipeline-ready
     folder with its card; returns the final metrics (and EMA metrics with --model_ema)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_trainer_arguments(training_args)
     push = training_args.push_to_hub
     if push:  # fail before any work; the Trainer's own push is replaced by ours (model, processor, card)
         ensure_hub_available("push the fine-tuned model (--push_to_hub)", training_args.hub_token)
@@ -147,10 +151,7 @@ def load_labelled_data(data_args: DataArguments, recipe: FinetuningArguments, tr
             raise ValueError(f"Class mismatch: train has {len(labels)} classes {labels[:10]}, validation has "
                              f"{eval_labels if eval_labels is None else len(eval_labels)} {(eval_labels or [])[:10]}.")
     else:
-        data_utils.check_not_empty(train, "train")
-        stratify = label_column if hasattr(train.features[label_column], "names") else None
-        split = train.train_test_split(recipe.train_val_split, seed=training_args.seed, stratify_by_column=stratify)
-        train, evaluation = split["train"], split["test"]
+        train, evaluation = held_out_split(train, label_column, labels, recipe.train_val_split, training_args.seed)
     train, evaluation = data_utils.undecoded(train, image_column), data_utils.undecoded(evaluation, image_column)
     if data_args.max_train_samples is not None:
         train = train.shuffle(seed=training_args.seed).select(range(min(data_args.max_train_samples, len(train))))
@@ -160,13 +161,36 @@ def load_labelled_data(data_args: DataArguments, recipe: FinetuningArguments, tr
     return LabelledData(train, evaluation, image_column, label_column, labels, skipped, ignored)
 
 
+def held_out_split(train, label_column: str, labels: list[str], fraction: float, seed: int):
+    """A stratified `fraction` of train for evaluation (no --validation_dir): every class needs an image on both
+    sides."""
+    from collections import Counter
+
+    data_utils.check_not_empty(train, "train")
+    if not hasattr(train.features[label_column], "names"):
+        split = train.train_test_split(fraction, seed=seed)
+        return split["train"], split["test"]
+    counts = Counter(train[label_column])
+    rare = min(range(len(labels)), key=lambda i: counts.get(i, 0))
+    held_out = math.ceil(fraction * len(train))
+    if counts.get(rare, 0) < 2 or not len(labels) <= held_out <= len(train) - len(labels):
+        raise ValueError(
+            f"Cannot hold out --train_val_split {fraction} of {len(train)} training images with every one of the "
+            f"{len(labels)} classes on both sides (class {labels[rare]!r} has {counts.get(rare, 0)} image(s)); add "
+            "images, change --train_val_split, or pass --validation_dir."
+        )
+    split = train.train_test_split(fraction, seed=seed, stratify_by_column=label_column)
+    return split["train"], split["test"]
+
+
 def checked_images(train, evaluation, image_column: str, data_args: DataArguments, training_args):
     """Drop unreadable images (with --skip_corrupt_images), else decode the evaluation images once up front."""
     skipped = 0
     with training_args.main_process_first():
         if data_args.skip_corrupt_images:
             train, dropped_train = data_utils.drop_unreadable(train, image_column, data_args.max_image_pixels)
-            evaluation, dropped_eval = data_utils.drop_unreadable(evaluation, image_column, data_args.max_image_pixels)
+            evaluation, dropped_eval = data_utils.drop_unreadable(evaluation, image_column, data_args.max_image_pixels,
+                                                                  processed=True)
             skipped = dropped_train + dropped_eval
             if skipped:
                 logger.warning("Skipped %d unreadable image(s).", skipped)
@@ -226,6 +250,8 @@ def build_trainer(model, data: LabelledData, recipe: FinetuningArguments, traini
 
 
 def train_and_evaluate(trainer, resume: str | None, data: LabelledData) -> dict:
+    if resume:
+        check_same_model(resume, trainer.model)
     if resume and trainer.ema is not None:
         trainer.ema.load(resume)
     train_result = trainer.train(resume_from_checkpoint=resume)
