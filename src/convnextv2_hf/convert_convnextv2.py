@@ -199,15 +199,45 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     prefix. A directory is read through its `model.safetensors` / `pytorch_model.bin`. Damaged, empty or foreign
     files raise a `ValueError` that names them.
     """
-    path = resolve_checkpoint_file(path)
-    obj = read_checkpoint_file(path)
+    return load_checkpoint(path)[0]
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict]:
+    """[`load_state_dict`], and the training settings the checkpoint records (see [`recorded_settings`])."""
+    file = resolve_checkpoint_file(path)
+    obj = read_checkpoint_file(file)
+    settings = recorded_settings(path, obj)
     for container in ("model", "state_dict", "model_ema"):
         if isinstance(obj, dict) and container in obj and isinstance(obj[container], dict):
             obj = obj[container]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors.")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+        raise ValueError(f"{file} does not hold a state dict of tensors.")
+    return {k.removeprefix("module."): v for k, v in obj.items()}, settings
+
+
+# Fields a converted config takes from the source, beyond what the tensor shapes tell.
+CARRIED_FIELDS = ("id2label", "label2id", "layer_norm_eps", "image_size", "norm_pix_loss", "mask_ratio",
+                  "drop_path_rate", "sparse_grn_scope", "mask_strategy", "problem_type")
+
+
+def recorded_settings(path: str | os.PathLike, obj) -> dict:
+    """Config fields the source records: a transformers folder's `config.json`; a reference training checkpoint's
+    `args` (its `input_size`, `norm_pix_loss`, `mask_ratio`)."""
+    config_file = Path(path, "config.json")
+    if config_file.is_file():
+        recorded = json.loads(config_file.read_text())
+        settings = {key: recorded[key] for key in CARRIED_FIELDS if key in recorded}
+        if "id2label" in settings:
+            settings["id2label"] = {int(k): v for k, v in settings["id2label"].items()}
+        return settings
+    args = obj.get("args") if isinstance(obj, dict) else None
+    args = vars(args) if isinstance(args, argparse.Namespace) else args  # the reference's; ours export a dict
+    if not isinstance(args, dict):
+        return {}
+    names = {"input_size": "image_size", "norm_pix_loss": "norm_pix_loss", "mask_ratio": "mask_ratio",
+             "layer_norm_eps": "layer_norm_eps"}
+    return {ours: args[theirs] for theirs, ours in names.items() if theirs in args}
 
 
 def check_weights(state_dict: StateDict, source: str | os.PathLike) -> None:
@@ -336,7 +366,7 @@ def convert_checkpoint(
     """
     if source not in LAYOUTS:
         raise ValueError(f"`source` must be one of {LAYOUTS}, got {source!r}.")
-    foreign = load_state_dict(checkpoint)
+    foreign, settings = load_checkpoint(checkpoint)
     check_weights(foreign, checkpoint)
     layout = detect_layout(foreign)
     if layout.split("_")[0] != source:
@@ -349,12 +379,7 @@ def convert_checkpoint(
         raise ValueError(f"`task` must be auto, fcmae or classification, got {task!r}.")
     if task == "fcmae" and not has_decoder:
         raise ValueError("This checkpoint has no FCMAE decoder; use task='classification'.")
-    overrides = {}
-    if id2label is not None:
-        overrides = dict(id2label={int(k): v for k, v in id2label.items()}, label2id={v: int(k) for k, v in id2label.items()})
-    config = infer_config(ours, **overrides)
-    if id2label is not None and "classifier.weight" in ours and len(id2label) != config.num_labels:
-        raise ValueError(f"id2label has {len(id2label)} labels but the checkpoint's head has {config.num_labels}.")
+    config = infer_config(ours, **converted_settings(settings, ours, task, id2label))
     model = build_model(ours, config, task)
     if output_dir is not None:
         save_converted(model, config, output_dir)
@@ -363,6 +388,26 @@ def convert_checkpoint(
 
             push_folder_to_hub(output_dir, hub_model_id or Path(output_dir).name, hub_token)
     return model
+
+
+def converted_settings(settings: dict, ours: StateDict, task: str, id2label: dict[int, str] | None) -> dict:
+    """The config fields a conversion keeps: what the source records, `--id2label` (which must name every class of
+    the head), and for FCMAE the reference's pixel-normalised loss unless the source says otherwise."""
+    settings = dict(settings)
+    classes = ours["classifier.weight"].shape[0] if "classifier.weight" in ours else None
+    if id2label is not None:
+        if classes is not None and sorted(id2label) != list(range(classes)):
+            raise ValueError(f"--id2label must name classes 0..{classes - 1} (the checkpoint's head), got ids "
+                             f"{sorted(id2label)[:10]}.")
+        settings["id2label"] = {int(k): v for k, v in id2label.items()}
+    if "id2label" in settings:
+        if classes is not None and len(settings["id2label"]) != classes or task == "fcmae":
+            settings.pop("id2label")
+        else:
+            settings["label2id"] = {v: k for k, v in settings["id2label"].items()}
+    if task == "fcmae":
+        settings.setdefault("norm_pix_loss", True)  # main_pretrain.py's default
+    return settings
 
 
 def save_converted(model, config: ConvNextV2Config, output_dir: str | os.PathLike) -> None:
@@ -401,13 +446,20 @@ def export_checkpoint(model, layout: str, output: str | os.PathLike) -> StateDic
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in foreign.items()}, str(staged))
-        else:
-            torch.save({"model": foreign}, str(staged))
+        else:  # with the training settings a reference checkpoint records, so converting back keeps them
+            torch.save({"model": foreign, "args": reference_args(model.config)}, str(staged))
         replace_ours(staged, output)  # a rename: a reader of the old file (memory-mapped) keeps its copy
     finally:
         if staged.exists():
             remove_ours(staged)
     return foreign
+
+
+def reference_args(config: ConvNextV2Config) -> dict:
+    """The settings [`recorded_settings`] reads back, under the reference scripts' names (a plain dict, so that
+    `torch.load(weights_only=True)` still reads the file); `layer_norm_eps` is ours (the reference fixes 1e-6)."""
+    return {"input_size": config.image_size, "norm_pix_loss": config.norm_pix_loss, "mask_ratio": config.mask_ratio,
+            "layer_norm_eps": config.layer_norm_eps}
 
 
 def read_id2label(path: str | None) -> dict[int, str] | None:
