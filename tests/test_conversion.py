@@ -124,6 +124,45 @@ def test_timm_classifier_matches_timms_own_outputs(tmp_path):
     assert all(torch.equal(exported[k], state[k]) for k in state)
 
 
+def test_timm_conv_mlp_models_match_timms_own_outputs_both_ways(tmp_path):
+    """timm's atto to nano keep MLP weights as 1x1 convolutions; both directions match timm's own numbers."""
+    from safetensors.torch import save_file
+
+    state, images, timm_logits = _timm_fixture("convmlp_clf")
+    assert state["stages.0.blocks.0.mlp.fc1.weight"].dim() == 4
+    save_file(state, str(tmp_path / "timm.safetensors"))
+    model = convert_checkpoint(tmp_path / "timm.safetensors", "timm").eval()
+    with torch.no_grad():
+        assert (model(images).logits - timm_logits).abs().max() <= 1e-4
+    exported = export_checkpoint(model, "timm", tmp_path / "back.safetensors", timm_conv_mlp=True)
+    assert exported.keys() == state.keys() and all(torch.equal(exported[k], state[k]) for k in state)
+    encoder, images, timm_features = _timm_fixture("convmlp_fcmae")
+    torch.save(encoder, tmp_path / "timm_fcmae.pth")
+    with torch.no_grad():
+        features = convert_checkpoint(tmp_path / "timm_fcmae.pth", "timm").eval().convnextv2(images).last_hidden_state
+    assert (features - timm_features).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("size", ["atto", "femto", "pico", "nano", "tiny", "base", "large", "huge"])
+def test_timm_layout_of_every_size_equals_timms_names_and_shapes(size):
+    """Exported classifier and encoder-only weights have exactly the names and shapes timm's `convnextv2_<size>`
+    has (recorded from timm by the fixture script), and convert back to ours unchanged."""
+    from convnextv2_hf import ConvNextV2Config
+    from convnextv2_hf.convert_convnextv2 import timm_uses_conv_mlp
+
+    timm_shapes = json.loads(FIXTURE.with_name("timm_convnextv2_shapes.json").read_text())
+    for kind, num_labels in (("classifier", 1000), ("encoder", 0)):
+        config = ConvNextV2Config.from_preset(size, num_labels=num_labels)
+        with torch.device("meta"):
+            ours = ConvNextV2ForImageClassification(config).state_dict()
+        layout = "timm_conv_mlp" if timm_uses_conv_mlp(config) else "timm"
+        assert (layout == "timm_conv_mlp") == (size in ("atto", "femto", "pico", "nano"))
+        theirs = from_our_layout(ours, layout)
+        assert {k: list(v.shape) for k, v in theirs.items()} == timm_shapes[f"{size}.{kind}"]
+        back = to_our_layout(theirs, "timm")
+        assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in ours.items()}
+
+
 def test_timm_fcmae_encoder_weights_match_timms_features(tmp_path):
     state, images, timm_features = _timm_fixture("fcmae")
     torch.save(state, tmp_path / "timm_fcmae.pth")

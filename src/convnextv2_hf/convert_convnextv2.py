@@ -44,6 +44,15 @@ def to_grn_shape(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(1, 1, 1, -1)
 
 
+def conv1x1_to_linear(t: torch.Tensor) -> torch.Tensor:
+    """timm's small sizes keep MLP weights as 1x1 convolutions `(out, in, 1, 1)`; ours are Linear `(out, in)`."""
+    return t.reshape(t.shape[0], t.shape[1]) if t.dim() == 4 else t
+
+
+def linear_to_conv1x1(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(*t.shape, 1, 1)
+
+
 @dataclass(frozen=True)
 class Rule:
     """`ours` <-> `theirs` key templates (`{i}`, `{j}`, `{k}` digits, `{p}` weight/bias) and tensor transforms."""
@@ -115,12 +124,25 @@ TIMM_RULES = [
     Rule(ENC + ".downsampling_layer.{k}.{p}", "stages.{i}.downsample.{k}.{p}"),
     Rule(BLOCK + ".dwconv.{p}", "stages.{i}.blocks.{j}.conv_dw.{p}"),
     Rule(BLOCK + ".layernorm.{p}", "stages.{i}.blocks.{j}.norm.{p}"),
-    Rule(BLOCK + ".pwconv1.{p}", "stages.{i}.blocks.{j}.mlp.fc1.{p}"),
+    Rule(BLOCK + ".pwconv1.weight", "stages.{i}.blocks.{j}.mlp.fc1.weight", conv1x1_to_linear),
+    Rule(BLOCK + ".pwconv1.bias", "stages.{i}.blocks.{j}.mlp.fc1.bias"),
     Rule(BLOCK + ".grn.{p}", "stages.{i}.blocks.{j}.mlp.grn.{p}", to_grn_shape, row_to_flat),
-    Rule(BLOCK + ".pwconv2.{p}", "stages.{i}.blocks.{j}.mlp.fc2.{p}"),
+    Rule(BLOCK + ".pwconv2.weight", "stages.{i}.blocks.{j}.mlp.fc2.weight", conv1x1_to_linear),
+    Rule(BLOCK + ".pwconv2.bias", "stages.{i}.blocks.{j}.mlp.fc2.bias"),
     Rule("convnextv2.layernorm.{p}", "head.norm.{p}"),
     Rule("classifier.{p}", "head.fc.{p}"),
 ]
+# timm builds atto, femto, pico and nano (`conv_mlp=True`) with 1x1-convolution MLP weights.
+TIMM_CONV_MLP_RULES = [
+    Rule(rule.ours, rule.theirs, rule.to_ours, linear_to_conv1x1) if ".mlp.fc" in rule.theirs and "weight" in rule.theirs
+    else rule for rule in TIMM_RULES
+]
+TIMM_CONV_MLP_WIDTHS = {(40, 80, 160, 320), (48, 96, 192, 384), (64, 128, 256, 512), (80, 160, 320, 640)}
+
+
+def timm_uses_conv_mlp(config: ConvNextV2Config) -> bool:
+    """Whether timm builds this architecture with 1x1-convolution MLPs: its atto, femto, pico and nano widths."""
+    return tuple(config.hidden_sizes) in TIMM_CONV_MLP_WIDTHS
 
 
 def rename(state_dict: StateDict, rules: list[Rule], source: str) -> StateDict:
@@ -273,8 +295,10 @@ def to_our_layout(state_dict: StateDict, layout: str) -> StateDict:
 
 
 def from_our_layout(state_dict: StateDict, layout: str) -> StateDict:
-    """Our state dict in a foreign layout: `reference` (classifier), `reference_fcmae` or `timm`."""
-    rules = {"reference": REFERENCE_CLASSIFIER_RULES, "reference_fcmae": REFERENCE_FCMAE_RULES, "timm": TIMM_RULES}
+    """Our state dict in a foreign layout: `reference` (classifier), `reference_fcmae`, `timm` or `timm_conv_mlp`
+    (timm's atto to nano)."""
+    rules = {"reference": REFERENCE_CLASSIFIER_RULES, "reference_fcmae": REFERENCE_FCMAE_RULES, "timm": TIMM_RULES,
+             "timm_conv_mlp": TIMM_CONV_MLP_RULES}
     return rename(state_dict, rules[layout], source="ours")
 
 
@@ -423,8 +447,9 @@ def save_converted(model, config: ConvNextV2Config, output_dir: str | os.PathLik
                            "the converted model", PRETRAINING_MARKER)
 
 
-def export_checkpoint(model, layout: str, output: str | os.PathLike) -> StateDict:
-    """Write `model` in a foreign layout: `reference` (torch.save `{'model': ...}`) or `timm` (safetensors)."""
+def export_checkpoint(model, layout: str, output: str | os.PathLike, timm_conv_mlp: bool | None = None) -> StateDict:
+    """Write `model` in a foreign layout: `reference` (torch.save `{'model': ...}`) or `timm` (safetensors; MLP
+    weights as 1x1 convolutions where timm builds them so: `timm_conv_mlp`, by default for atto to nano widths)."""
     from .modeling_convnextv2 import ConvNextV2ForMaskedImageModeling
 
     if layout == "reference" and isinstance(model, ConvNextV2ForMaskedImageModeling):
@@ -433,6 +458,8 @@ def export_checkpoint(model, layout: str, output: str | os.PathLike) -> StateDic
         state = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
     else:
         state = model.state_dict()
+    if layout == "timm" and (timm_uses_conv_mlp(model.config) if timm_conv_mlp is None else timm_conv_mlp):
+        layout = "timm_conv_mlp"
     foreign = from_our_layout(state, layout)
     output = Path(output)
     from .training.manifest import record, refuse_unless_ours, remove_ours, replace_ours
@@ -442,7 +469,7 @@ def export_checkpoint(model, layout: str, output: str | os.PathLike) -> StateDic
     staged = output.with_name(f".tmp-{output.name}")
     record(output.parent, staged.name)
     try:
-        if layout == "timm":
+        if layout.startswith("timm"):
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in foreign.items()}, str(staged))
