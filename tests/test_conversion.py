@@ -124,6 +124,30 @@ def test_timm_classifier_matches_timms_own_outputs(tmp_path):
     assert all(torch.equal(exported[k], state[k]) for k in state)
 
 
+def test_converted_fcmae_keeps_the_objective_it_was_trained_with(tmp_path):
+    """norm_pix_loss, image size and eps survive export -> convert (same loss on the same batch and mask); a
+    reference checkpoint's own `args` are read; one that records nothing gets the reference default (True)."""
+    model = randomized(ConvNextV2ForMaskedImageModeling(tiny_config(norm_pix_loss=True, image_size=64,
+                                                                    layer_norm_eps=1e-6)))
+    export_checkpoint(model, "reference", tmp_path / "fcmae.pt")
+    assert torch.load(tmp_path / "fcmae.pt", weights_only=True)["args"]["norm_pix_loss"] is True
+    converted = convert_checkpoint(tmp_path / "fcmae.pt", "reference", output_dir=tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (saved["norm_pix_loss"], saved["image_size"], saved["layer_norm_eps"]) == (True, 64, 1e-6)
+    images = torch.randn(2, 3, 32, 48)
+    mask = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 1, 0, 1, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(images, bool_masked_pos=mask).loss,
+                                   model(images, bool_masked_pos=mask).loss, rtol=0, atol=1e-6)
+    weights = torch.load(tmp_path / "fcmae.pt", weights_only=True)["model"]
+    torch.save({"model": weights}, tmp_path / "bare.pt")
+    assert convert_checkpoint(tmp_path / "bare.pt", "reference").config.norm_pix_loss is True
+    their_args = argparse.Namespace(input_size=192, norm_pix_loss=False, mask_ratio=0.75, model="convnextv2_atto")
+    torch.save({"model": weights, "args": their_args, "epoch": 799}, tmp_path / "theirs.pt")
+    config = convert_checkpoint(tmp_path / "theirs.pt", "reference").config
+    assert (config.norm_pix_loss, config.image_size, config.mask_ratio) == (False, 192, 0.75)
+
+
 def test_timm_conv_mlp_models_match_timms_own_outputs_both_ways(tmp_path):
     """timm's atto to nano keep MLP weights as 1x1 convolutions; both directions match timm's own numbers."""
     from safetensors.torch import save_file

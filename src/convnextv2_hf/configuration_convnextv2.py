@@ -58,6 +58,8 @@ def _positive_integers(name: str, value) -> None:
         raise ValueError(f"`{name}` must be a list of positive integers, got {value!r}.")
 
 
+FCMAE_ARCHITECTURE = "ConvNextV2ForMaskedImageModeling"
+
 # Checked whenever the field is set: at construction, by `from_pretrained(..., field=value)` and by assignment.
 FIELD_CHECKS = {
     "mask_ratio": _number(0.0, 1.0, low_open=True),
@@ -143,6 +145,22 @@ class ConvNextV2Config(_HFConvNextV2Config):
         self.depths = list(self.depths)
         self.hidden_sizes = list(self.hidden_sizes)
         self.check_architecture()
+
+    def to_dict(self) -> dict:
+        """As transformers saves it, with two differences wherever this class is used (also as remote code):
+
+        - an FCMAE config also records `encoder_stride` (derived, read back only for agreement), which tools such as
+          transformers' `run_mim.py` read before loading the model, so that they reach the load and learn there
+          that the folder needs `trust_remote_code`;
+        - any other model's config drops `auto_map`: a classifier fine-tuned from an FCMAE folder through
+          `trust_remote_code` is a plain transformers checkpoint, and must not point at code it does not hold.
+        """
+        output = super().to_dict()
+        if FCMAE_ARCHITECTURE in (self.architectures or []):
+            output["encoder_stride"] = self.encoder_stride
+        else:
+            output.pop("auto_map", None)
+        return output
 
     def check_architecture(self) -> None:
         """Raise a `ValueError` if depths, widths and stages do not describe a buildable network."""

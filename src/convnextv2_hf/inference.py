@@ -23,13 +23,15 @@ class LinearGELU(nn.Linear):
 
     Profiling showed GELU at about 40 % of eager CPU inference time; the fused kernel is about 4x faster than the two
     ops with the same numbers. Training, other devices and dtypes, autocast and `torch.compile` (which fuses on its
-    own) take the plain path. Parameter names are those of the `nn.Linear` it replaces.
+    own), and `torch.jit.trace` / `torch.jit.script` (the oneDNN op cannot be traced) take the plain path. Parameter
+    names are those of the `nn.Linear` it replaces.
     """
 
     use_fused = fused_linear_gelu_available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.use_fused and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing() and not torch.jit.is_scripting()
                 and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
                 and not torch.is_autocast_enabled("cpu")):
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "gelu", [], "none")

@@ -143,6 +143,18 @@ def load_image_dataset(args, labelled: bool = False, streaming: bool = False, to
     return dataset, sum(len(scan.ignored) for scan in scans.values())
 
 
+# Folder names that say which split a folder holds, not what data it is (`imagenet/train`).
+SPLIT_FOLDER_NAMES = {"train", "training", "val", "valid", "validation", "test", "images", "data"}
+
+
+def dataset_label(args) -> str:
+    """How cards name the data: the hub id, or the image folder's name (its parent's for a split folder)."""
+    if args.dataset_name:
+        return args.dataset_name
+    folder = Path(os.path.abspath(args.train_dir))
+    return folder.parent.name if folder.name.lower() in SPLIT_FOLDER_NAMES and folder.parent.name else folder.name
+
+
 def load_hub_dataset(args, streaming: bool, token: str | None) -> DatasetDict | IterableDatasetDict:
     try:
         return load_dataset(args.dataset_name, args.dataset_config_name, streaming=streaming,

@@ -230,8 +230,10 @@ def build_trainer(model, data: LabelledData, recipe: FinetuningArguments, traini
 
     metric = evaluate.load(metric_path("topk_accuracy"))
 
+    top_k = (1, 5) if len(data.labels) > 5 else (1,)  # top-5 of five classes or fewer is always 1
+
     def compute_metrics(prediction):
-        return metric.compute(predictions=prediction.predictions, references=prediction.label_ids)
+        return metric.compute(predictions=prediction.predictions, references=prediction.label_ids, top_k=top_k)
 
     training_args.remove_unused_columns = False
     ema = EMACallback(model, recipe.model_ema_decay) if recipe.model_ema else None
@@ -305,7 +307,7 @@ def save_finetuning_curves(history: list[dict], output_dir: str) -> dict[str, st
 
 
 def finetuning_card(metrics, data: LabelledData, plots, smoothing, model_args, data_args, recipe, training_args) -> CardInfo:
-    dataset_label = data_args.dataset_name or Path(data_args.train_dir).name
+    dataset_label = data_utils.dataset_label(data_args)
     start = model_args.model_name_or_path or f"{model_args.model_preset} from scratch"
     local_start = model_args.model_name_or_path and os.path.isdir(model_args.model_name_or_path)
     if local_start:

@@ -100,13 +100,29 @@ def finished_run(state: TrainingState, plan: TrainingPlan, output_dir: str) -> d
 def build_accelerator(args: PretrainingArguments):
     from accelerate import Accelerator
 
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=use_cpu_processes(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,
     )
+    say_if_not_as_configured(accelerator)
+    return accelerator
+
+
+def say_if_not_as_configured(accelerator) -> None:
+    """Accelerate falls back quietly (e.g. FSDP asked for on CPU processes runs as DDP); say so in one line."""
+    asked = [kind for variable, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED"))
+             if os.environ.get(variable, "false").lower() in ("1", "true")]
+    running = accelerator.distributed_type.value
+    described = {"NO": "one process without distribution", "MULTI_CPU": "CPU data parallelism (DDP over gloo)",
+                 "MULTI_GPU": "DDP"}.get(running, running)
+    for kind in asked:
+        if running != kind:
+            logger.warning("The Accelerate config asks for %s, but this run is %s on %d process(es) (%s): its memory "
+                           "use and checkpoints are those of %s.", kind, described, accelerator.num_processes,
+                           accelerator.device.type, described)
 
 
 def use_cpu_processes() -> bool:
@@ -278,7 +294,7 @@ def write_report(model, processor, state: TrainingState, data, plan: TrainingPla
     results = {"final training loss (mean of last 10% of steps)": f"{sum(tail) / len(tail):.4f}"} if tail else {}
     if state.validation:
         results["validation loss (masked reconstruction, last epoch)"] = f"{state.validation[-1][1]:.4f}"
-    source = f"`{data_args.dataset_name}`" if data_args.dataset_name else f"images from the `{Path(data_args.train_dir).name}` folder"
+    source = f"`{data_args.dataset_name}`" if data_args.dataset_name else f"images from the `{data_utils.dataset_label(data_args)}` folder"
     count = " (streamed)" if args.streaming else f", {len(data.train)} training images"
     save_model_card(model, CardInfo(
         model_name=args.hub_model_id or Path(args.output_dir).name,

@@ -11,11 +11,12 @@ import numpy as np
 _DESCRIPTION = "Fraction of samples whose label is among the k highest-scoring classes, for k = 1 and k = 5."
 _KWARGS_DESCRIPTION = """
 Args:
-    predictions: logits or scores, one list of floats per sample.
+    predictions: logits or scores, one list of floats per sample; or one predicted class id per sample (as
+        `evaluate.evaluator("image-classification")` passes them), from which only top-1 can be computed.
     references: integer class labels.
     top_k: the k values to report (default (1, 5); k larger than the class count counts every sample correct).
 Returns:
-    top1_accuracy, top5_accuracy (one key per k), in [0, 1].
+    top1_accuracy, top5_accuracy (one key per k), in [0, 1]; for class-id predictions only top1_accuracy.
 Example:
     >>> metric = evaluate.load("path/to/topk_accuracy")
     >>> metric.compute(predictions=[[0.1, 0.9], [0.8, 0.2]], references=[1, 1])
@@ -30,14 +31,19 @@ class TopkAccuracy(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
-            ),
+            features=[
+                datasets.Features(
+                    {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
+                ),
+                datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+            ],
         )
 
     def _compute(self, predictions, references, top_k=(1, 5)):
-        scores = np.asarray(predictions, dtype=np.float64)
         labels = np.asarray(references)
+        if np.asarray(predictions).ndim == 1:  # class ids: the ranking of the other classes is unknown
+            return {"top1_accuracy": float((np.asarray(predictions) == labels).mean())}
+        scores = np.asarray(predictions, dtype=np.float64)
         if scores.ndim != 2 or len(scores) != len(labels):
             raise ValueError(f"predictions must be (samples, classes) scores; got shape {scores.shape} for {len(labels)} labels")
         order = np.argsort(-scores, axis=1)
