@@ -2,6 +2,7 @@
 
     python benchmarks/benchmark.py                         # CPU, 2 threads, writes benchmarks/results-cpu.md
     python benchmarks/benchmark.py --device cuda --bf16    # GPU with bf16 autocast
+    python benchmarks/benchmark.py --sections recipe_cost --output benchmarks/results-cpu-recipe-cost.md
 
 Every figure is the median over `--repeats` timed runs after `--warmup` runs. Each configuration runs in a fresh
 subprocess. Peak memory is measured in one more process per configuration, over one training step (the first, so
@@ -94,6 +95,41 @@ def train_worker(job: dict) -> dict:
     times = timed(step, device, job["warmup"], job["repeats"])
     peak = torch.cuda.max_memory_allocated() / 2**20 - base if device == "cuda" else peak_rss_mib() - base
     return {"images_per_s": batch / statistics.median(times), "peak_mib": peak, "visible": float((~mask).float().mean())}
+
+
+def finetune_worker(job: dict) -> dict:
+    """One fine-tuning step of a 1000-class classifier (forward, backward, AdamW), and the recipe's augmentation
+    (RandomResizedCrop, flip, RandAugment, erasing) of a 500x375 image, per image, in one process."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from convnextv2_hf import ConvNextV2Config, ConvNextV2ForImageClassification
+    from convnextv2_hf.training.arguments import FinetuningArguments
+    from convnextv2_hf.training.augmentation import FinetuneTransform, sample_generator
+
+    device, batch, size = job["device"], job["batch_size"], job["image_size"]
+    torch.manual_seed(0)
+    model = ConvNextV2ForImageClassification(ConvNextV2Config.from_preset(job["preset"], num_labels=1000,
+                                                                          drop_path_rate=0.1)).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    images, labels = torch.randn(batch, 3, size, size, device=device), torch.randint(0, 1000, (batch,), device=device)
+
+    def step():
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=job["bf16"]):
+            loss = model(images, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step_times = timed(step, device, job["warmup"], job["repeats"])
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (375, 500, 3), dtype=np.uint8))
+    transform = FinetuneTransform.from_recipe(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                                              FinetuningArguments())
+    started = time.perf_counter()
+    for index in range(64):
+        transform(photo, sample_generator(0, 0, index))
+    return {"images_per_s": batch / statistics.median(step_times), "augment_per_s": 64 / (time.perf_counter() - started)}
 
 
 def encoder_worker(job: dict) -> dict:
@@ -243,7 +279,8 @@ def run_worker(spec: str) -> None:
     job = json.loads(spec)
     if job["device"] == "cpu":
         torch.set_num_threads(job["threads"])
-    workers = {"train": train_worker, "encoder": encoder_worker, "inference": inference_worker}
+    workers = {"train": train_worker, "encoder": encoder_worker, "inference": inference_worker,
+               "finetune": finetune_worker}
     print(json.dumps(workers[job["kind"]](job)))
 
 
@@ -385,8 +422,39 @@ def inference_section(args, common: dict) -> list[str]:
     return lines + [""]
 
 
+IMAGENET_1K_IMAGES = 1_281_167
+RECIPE_BATCH = {"atto": 8, "femto": 8, "pico": 8, "nano": 8, "tiny": 8, "base": 4, "large": 2, "huge": 2}
+
+
+def recipe_cost_section(args, common: dict) -> list[str]:
+    """What one ImageNet-1k epoch of each size's fine-tuning costs here, and each published recipe in all."""
+    from convnextv2_hf.training.recipes import FINETUNE_RECIPES, SIZES
+
+    results = run_jobs([(size,) for size in SIZES], "recipe cost", lambda size: dict(
+        common["job"], kind="finetune", preset=size, batch_size=RECIPE_BATCH[size], warmup=1, repeats=2))
+    lines = ["## Fine-tuning cost per size (one ImageNet-1k epoch, 1,281,167 images, 224 px)", "",
+             "Training step of a 1000-class classifier (forward, backward, AdamW, drop path 0.1) at the batch in the "
+             "table (median of 2 steps after 1 warm-up; the header's batch and repeats do not apply here), and the "
+             "recipe's augmentation (crop, flip, RandAugment, erasing) of a 500x375 image in one process. The "
+             "reference ran its recipes on 4 nodes x 8 GPUs (TRAINING.md).", "",
+             "| size | batch | images/s (step) | hours per epoch (step) | augmentation images/s per process | "
+             "published recipe | days for the recipe here |", "|---|---|---|---|---|---|---|"]
+    for size in SIZES:
+        r = results[(size,)]
+        if "error" in r:
+            lines.append(f"| {size} | {RECIPE_BATCH[size]} | error: {r['error']} | | | | |")
+            continue
+        hours = IMAGENET_1K_IMAGES / r["images_per_s"] / 3600
+        recipe = FINETUNE_RECIPES.get(size)
+        total = f"{recipe['num_train_epochs']} epochs" if recipe else "none published"
+        days = fmt(hours * recipe["num_train_epochs"] / 24, 0) if recipe else "-"
+        lines.append(f"| {size} | {RECIPE_BATCH[size]} | {fmt(r['images_per_s'], 2)} | {fmt(hours, 1)} | "
+                     f"{fmt(r['augment_per_s'], 0)} | {total} | {days} |")
+    return lines + [""]
+
+
 SECTIONS = {"train": train_section, "sweep": sweep_section, "checkpointing": checkpointing_section,
-            "mixmae": mixmae_section, "inference": inference_section}
+            "mixmae": mixmae_section, "inference": inference_section, "recipe_cost": recipe_cost_section}
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 Each row: (what, the reference's value and where it is set, ours as the scripts resolve it with no flags).
 """
 
+import pytest
 import torch
 from transformers import TrainingArguments
 
@@ -13,6 +14,14 @@ from convnextv2_hf.training.finetune import parse_args as finetune_args
 from convnextv2_hf.training.models import fcmae_overrides
 from convnextv2_hf.training.optim import param_groups
 from convnextv2_hf.training.pretrain import parse_args as pretrain_args
+from convnextv2_hf.training.recipes import (
+    FINETUNE_RECIPES,
+    FINETUNE_TOTAL_BATCH,
+    PRETRAIN_RECIPES,
+    PRETRAIN_TOTAL_BATCH,
+    apply_recipe,
+    check_recipe_name,
+)
 
 
 def pretraining_rows():
@@ -69,6 +78,11 @@ def finetuning_rows():
         ("mixup switch probability", 0.5, recipe.mixup_switch_prob),
         ("head init scale", 0.001, recipe.head_init_scale),
         ("EMA / decay", (False, 0.9999), (recipe.model_ema, recipe.model_ema_decay)),
+        ("RandAugment (--aa)", "rand-m9-mstd0.5-inc1", recipe.aa),
+        ("random erasing (--reprob, --remode, --recount)", (0.25, "pixel", 1), (recipe.reprob, recipe.remode,
+                                                                                 recipe.recount)),
+        ("colour jitter (off while --aa is set)", 0.4, recipe.color_jitter),
+        ("RandomResizedCrop scale (timm default)", (0.08, 1.0), (recipe.crop_min_scale, 1.0)),
         ("seed", 0, training.seed),
         ("checkpoints kept (--save_ckpt_num)", 3, training.save_total_limit),
     ]
@@ -106,3 +120,52 @@ def test_weight_decay_exclusions_follow_each_reference_script():
 def test_norm_pix_loss_can_be_turned_off():
     assert pretrain_args(["--output_dir", "unused"])[2].norm_pix_loss is True
     assert pretrain_args(["--output_dir", "unused", "--no_norm_pix_loss"])[2].norm_pix_loss is False
+
+
+# TRAINING.md of facebookresearch/ConvNeXt-V2, transcribed flag by flag: (--model size, --batch_size x nodes x GPUs,
+# --blr, --epochs, --warmup_epochs, --layer_decay_type, --layer_decay, --weight_decay, --drop_path, --reprob,
+# --mixup, --cutmix, --smoothing, --model_ema). Fine-tuning on 4 nodes x 8 GPUs at batch 32: total batch 1024.
+TRAINING_MD_FINETUNING = {
+    "atto": (32 * 4 * 8, 2e-4, 600, 0, "single", 0.9, 0.3, 0.1, 0.25, 0.0, 0.0, 0.2, True),
+    "tiny": (32 * 4 * 8, 8e-4, 300, 40, "single", 0.9, 0.05, 0.2, 0.25, 0.8, 1.0, 0.1, True),
+    "base": (32 * 4 * 8, 6.25e-4, 100, 20, "group", 0.6, 0.05, 0.1, 0.25, 0.8, 1.0, 0.1, True),
+}
+# Pre-training: base on 8 nodes x 8 GPUs at batch 64 (total 4096), --blr 1.5e-4, --epochs 1600, --warmup_epochs 40.
+TRAINING_MD_PRETRAINING = {"base": (64 * 8 * 8, 1.5e-4, 1600, 40)}
+
+
+def test_finetuning_recipes_are_training_md_side_by_side():
+    for size, published in TRAINING_MD_FINETUNING.items():
+        model_args, _, recipe, training = finetune_args(["--output_dir", "unused", "--recipe", size])
+        applied = apply_recipe(size, FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, 1, model_args, recipe, training)
+        total = training.per_device_train_batch_size * training.gradient_accumulation_steps
+        ours = (total, recipe.base_learning_rate, training.num_train_epochs, recipe.warmup_epochs,
+                recipe.layer_decay_type, recipe.layer_decay, training.weight_decay, recipe.drop_path_rate,
+                recipe.reprob, recipe.mixup, recipe.cutmix, training.label_smoothing_factor, recipe.model_ema)
+        assert ours == published, (size, ours, published)
+        assert model_args.model_preset == size and model_args.image_size == 224 and recipe.aa == "rand-m9-mstd0.5-inc1"
+        assert applied.deviations == {}
+
+
+def test_pretraining_recipe_is_training_md_and_unpublished_sizes_are_refused():
+    model_args, _, args = pretrain_args(["--output_dir", "unused", "--recipe", "base"])
+    apply_recipe("base", PRETRAIN_RECIPES, PRETRAIN_TOTAL_BATCH, 8, model_args, args)
+    ours = (args.per_device_train_batch_size * 8 * args.gradient_accumulation_steps, args.base_learning_rate,
+            args.num_train_epochs, args.warmup_epochs)
+    assert ours == TRAINING_MD_PRETRAINING["base"] and model_args.model_preset == "base"
+    for size in ("femto", "pico", "nano", "large", "huge"):
+        with pytest.raises(ValueError, match="publishes fine-tuning commands for atto, tiny, base only"):
+            check_recipe_name(size, FINETUNE_RECIPES, "fine-tuning")
+
+
+def test_a_given_flag_wins_over_the_recipe_and_is_a_deviation():
+    model_args, _, recipe, training = finetune_args(["--output_dir", "unused", "--recipe", "tiny",
+                                                     "--drop_path_rate", "0.3", "--per_device_train_batch_size", "16"])
+    applied = apply_recipe("tiny", FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, 2, model_args, recipe, training)
+    assert recipe.drop_path_rate == 0.3 and applied.deviations == {"drop_path_rate": 0.3,
+                                                                  "per_device_train_batch_size": 16}
+    assert training.gradient_accumulation_steps == 1024 // (16 * 2)  # the total batch stays the reference's
+    with pytest.raises(ValueError, match="not a multiple"):
+        model_args, _, recipe, training = finetune_args(["--output_dir", "unused", "--per_device_train_batch_size",
+                                                         "24"])
+        apply_recipe("tiny", FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, 1, model_args, recipe, training)

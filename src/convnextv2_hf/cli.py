@@ -68,6 +68,7 @@ def convert(args: argparse.Namespace) -> None:
         model = convert_checkpoint(
             args.checkpoint, args.source, args.output_dir, task=args.task, id2label=read_id2label(args.id2label),
             push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, hub_token=args.hub_token,
+            license=args.license,
         )
     config = model.config
     print(f"{type(model).__name__}: depths {config.depths}, widths {config.hidden_sizes}, "
@@ -91,6 +92,7 @@ def export(args: argparse.Namespace) -> None:
     from . import ConvNextV2Config, ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
     from .convert_convnextv2 import export_checkpoint
     from .training.models import load_checked
+    from .training.reporting import start_card
 
     source, output = args.model_name_or_path, Path(args.output)
     if not os.path.isdir(source) and (os.path.exists(source) or source.startswith((".", "/", "~")) or source.count("/") > 1):
@@ -106,6 +108,10 @@ def export(args: argparse.Namespace) -> None:
     model = load_checked(model_class, source, config)
     foreign = export_checkpoint(model, args.layout, output)
     print(f"wrote {len(foreign)} tensors in the {args.layout} layout to {output}")
+    license = start_card(source).get("license")
+    print(f"licence of these weights: {license} (from {source}'s card)" if license else
+          f"licence of these weights: not recorded in {source}; weights converted from the reference repository "
+          "or timm are CC-BY-NC 4.0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--task", default="auto", choices=["auto", "fcmae", "classification"],
                       help="auto: FCMAE checkpoints -> masked image modeling (with decoder), others -> classifier")
     conv.add_argument("--id2label", help="JSON file: a list of class names or an {index: name} object")
+    conv.add_argument("--license", help="licence of the weights for the card (default: the source's; CC-BY-NC 4.0 "
+                      "for the reference's and timm's ConvNeXt V2 weights)")
     conv.add_argument("--push_to_hub", action="store_true")
     conv.add_argument("--hub_model_id")
     conv.add_argument("--hub_token")

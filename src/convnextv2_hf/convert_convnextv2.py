@@ -381,12 +381,15 @@ def convert_checkpoint(
     push_to_hub: bool = False,
     hub_model_id: str | None = None,
     hub_token: str | None = None,
+    license: str | None = None,
 ):
     """Convert a reference, timm or transformers checkpoint into our model; save it when `output_dir` is given.
 
     `task="auto"` gives [`ConvNextV2ForMaskedImageModeling`] for FCMAE checkpoints (decoder included, so
     pre-training can continue) and [`ConvNextV2ForImageClassification`] otherwise; `task="classification"` on an
-    FCMAE checkpoint gives a classifier with the pre-trained encoder, ready for fine-tuning.
+    FCMAE checkpoint gives a classifier with the pre-trained encoder, ready for fine-tuning. The saved folder gets a
+    card naming the source and its licence (`license`, else the source's: CC-BY-NC 4.0 for the reference's and
+    timm's ConvNeXt V2 weights, a transformers folder's own card).
     """
     if source not in LAYOUTS:
         raise ValueError(f"`source` must be one of {LAYOUTS}, got {source!r}.")
@@ -406,7 +409,9 @@ def convert_checkpoint(
     config = infer_config(ours, **converted_settings(settings, ours, task, id2label))
     model = build_model(ours, config, task)
     if output_dir is not None:
-        save_converted(model, config, output_dir)
+        card = conversion_card(model, checkpoint, source, "classifier.weight" in ours, license,
+                               hub_model_id or Path(output_dir).resolve().name)
+        save_converted(model, config, output_dir, card)
         if push_to_hub:
             from .hub import push_folder_to_hub
 
@@ -434,17 +439,58 @@ def converted_settings(settings: dict, ours: StateDict, task: str, id2label: dic
     return settings
 
 
-def save_converted(model, config: ConvNextV2Config, output_dir: str | os.PathLike) -> None:
-    """Model and processor (at the config's image size) written into `output_dir` through a staging folder; other
-    files there are left alone, and a file of the same name that this project did not write is refused."""
+SOURCES = {"reference": "the reference repository (facebookresearch/ConvNeXt-V2)",
+           "timm": "timm (huggingface/pytorch-image-models)", "transformers": "a transformers ConvNeXt V2 folder"}
+# The reference repository's weights are licensed CC-BY-NC 4.0 (its LICENSE); timm's ConvNeXt V2 weights are those
+# weights converted and carry the same licence.
+WEIGHT_LICENSES = {"reference": "cc-by-nc-4.0", "timm": "cc-by-nc-4.0"}
+
+
+def checkpoint_kind(model, has_head: bool) -> str:
+    if type(model).__name__ == "ConvNextV2ForMaskedImageModeling":
+        return "FCMAE pre-trained encoder and decoder (pre-training can continue)"
+    if not has_head:
+        return "encoder of an FCMAE checkpoint with a new classification head, to fine-tune"
+    classes = model.config.num_labels
+    data = {1000: "ImageNet-1k", 21841: "ImageNet-22k"}.get(classes)
+    return f"classifier of {classes} classes" + (f" (fine-tuned on {data}, going by the class count)" if data else "")
+
+
+def conversion_card(model, checkpoint, source: str, has_head: bool, license: str | None, model_name: str):
+    """The card of a converted folder: where the weights came from, what they are, their licence."""
+    from .training.reporting import CardInfo, inherited
+
+    recorded = inherited(str(checkpoint)) if source == "transformers" else {}
+    license = license or recorded.get("license") or WEIGHT_LICENSES.get(source, "unknown")
+    kind = checkpoint_kind(model, has_head)
+    return CardInfo(
+        model_name=model_name,
+        summary=f"ConvNeXt V2 {kind}, converted with `convnextv2-hf convert --from {source}` from "
+                f"`{Path(checkpoint).name}` of {SOURCES[source]}. The weights were not trained by convnextv2-hf.",
+        data="As the source's authors trained it (see the source); not retrained here.",
+        recipe={"source": SOURCES[source], "source file": Path(checkpoint).name, "kind": kind,
+                "licence": license + ("" if license != "unknown" else " (not recorded: pass --license)")},
+        license=license, base_model=recorded.get("base_model"), tags=["converted"],
+    )
+
+
+def save_converted(model, config: ConvNextV2Config, output_dir: str | os.PathLike, card=None) -> None:
+    """Model, processor (at the config's image size) and card written into `output_dir` through a staging folder;
+    other files there are left alone, and a file of the same name that this project did not write is refused."""
     from .image_processing_convnextv2 import ConvNextV2ImageProcessor
     from .training.checkpoints import PRETRAINING_MARKER, save_folder_atomically, save_model_and_processor
+    from .training.reporting import save_model_card
 
     processor = ConvNextV2ImageProcessor(size={"shortest_edge": config.image_size}, mask_cell_size=config.mask_cell_size,
                                          mask_ratio=config.mask_ratio)
+
+    def write(folder: Path) -> None:
+        save_model_and_processor(model, processor, folder)
+        if card is not None:
+            save_model_card(model, card, str(folder))
+
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    save_folder_atomically(output_dir, lambda folder: save_model_and_processor(model, processor, folder),
-                           "the converted model", PRETRAINING_MARKER)
+    save_folder_atomically(output_dir, write, "the converted model", PRETRAINING_MARKER)
 
 
 def export_checkpoint(model, layout: str, output: str | os.PathLike, timm_conv_mlp: bool | None = None) -> StateDict:

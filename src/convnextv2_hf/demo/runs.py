@@ -81,7 +81,7 @@ def finetune_run(labelled: Path, test: Path, output: Path, args, seed: int, star
         metrics = finetune(model, DataArguments(train_dir=str(labelled), validation_dir=str(test),
                                                 skip_corrupt_images=True),
                            FinetuningArguments(drop_path_rate=0.1, crop_min_scale=0.5, overwrite_output_dir=True,
-                                               warmup_epochs=0), training)
+                                               warmup_epochs=0, aa="none", reprob=0.0, color_jitter=0.0), training)
     return metrics, (time.time() - started) / 60
 
 

@@ -107,6 +107,8 @@ class PretrainingArguments:
     checkpointing_steps: str | None = field(default=None, metadata={"help": 'an integer (every N steps) or "epoch"'})
     checkpoints_total_limit: int | None = field(default=3, metadata={
         "help": "keep this many newest checkpoints (the reference keeps 3); older ones go once a new one is complete"})
+    recipe: str | None = field(default=None, metadata={
+        "help": "a published reference recipe (TRAINING.md): base; flags given explicitly win"})
     with_tracking: bool = field(default=False, metadata={"help": "log to --report_to"})
     report_to: str = "tensorboard"
     logging_steps: int = 10
@@ -157,8 +159,23 @@ class FinetuningArguments:
     mixup: float = field(default=0.0, metadata={"help": "mixup alpha (0 = off); reference 0.8"})
     cutmix: float = field(default=0.0, metadata={"help": "cutmix alpha (0 = off); reference 1.0"})
     mixup_switch_prob: float = 0.5
+    aa: str = field(default="rand-m9-mstd0.5-inc1", metadata={
+        "help": "RandAugment config in timm's syntax (the reference's default), or none"})
+    reprob: float = field(default=0.25, metadata={"help": "random erasing probability (0 = off)"})
+    remode: Literal["pixel", "rand", "const"] = field(default="pixel", metadata={"help": "random erasing fill"})
+    recount: int = field(default=1, metadata={"help": "random erasing rectangles per image"})
+    color_jitter: float = field(default=0.4, metadata={"help": "colour jitter strength, used only with --aa none"})
+    recipe: str | None = field(default=None, metadata={
+        "help": "a published reference recipe (TRAINING.md): atto, tiny or base; flags given explicitly win"})
 
     def __post_init__(self):
+        from .rand_augment import RandAugment
+
+        if self.aa != "none":
+            RandAugment.from_config(self.aa, (0, 0, 0))  # fail before any work
+        require(0 <= self.reprob <= 1, "reprob", self.reprob, "in [0, 1]")
+        check_positive(self, "recount", allow_none=False)
+        check_positive(self, "color_jitter", allow_zero=True)
         require(0 < self.train_val_split < 1, "train_val_split", self.train_val_split, "between 0 and 1")
         require(0 < self.crop_min_scale <= 1, "crop_min_scale", self.crop_min_scale, "in (0, 1]")
         require(0 <= self.drop_path_rate < 1, "drop_path_rate", self.drop_path_rate, "in [0, 1)")
@@ -217,8 +234,7 @@ def parse_marking_given(parser, argv: list[str] | None):
     words = {word.split("=", 1)[0] for word in (sys.argv[1:] if argv is None else argv) if word.startswith("--")}
     given = {action.dest for action in parser._actions if words & set(action.option_strings)}
     for args in parsed:
-        if type(args).__module__ == __name__:
-            args.given_flags = given
+        args.given_flags = given
     return parsed
 
 

@@ -55,16 +55,47 @@ class PretrainTransform:
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, image: PIL.Image.Image, generator: torch.Generator) -> torch.Tensor:
+        return self.normalize(self.crop_and_flip(image, generator))
+
+    def crop_and_flip(self, image: PIL.Image.Image, generator: torch.Generator) -> PIL.Image.Image:
         image = to_rgb(image)
         left, top, w, h = random_resized_crop_box(image.width, image.height, generator, self.scale)
         image = image.resize((self.size, self.size), PIL.Image.BICUBIC, box=(left, top, left + w, top + h))
         if self.hflip and torch.rand(1, generator=generator).item() < 0.5:
             image = image.transpose(PIL.Image.FLIP_LEFT_RIGHT)
-        return self.normalize(image)
+        return image
 
     def normalize(self, image: PIL.Image.Image) -> torch.Tensor:
         array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
         return (array - self.mean) / self.std
+
+
+class FinetuneTransform(PretrainTransform):
+    """The reference fine-tuning's training transform: RandomResizedCrop + flip, RandAugment (or colour jitter when
+    RandAugment is off), normalisation, random erasing; all drawn from the sample's generator."""
+
+    def __init__(self, size: int, mean, std, scale=(0.08, 1.0), rand_augment=None, color_jitter=None, erasing=None):
+        super().__init__(size, mean, std, scale)
+        self.rand_augment, self.color_jitter, self.erasing = rand_augment, color_jitter, erasing
+
+    @classmethod
+    def from_recipe(cls, size: int, mean, std, recipe) -> "FinetuneTransform":
+        """From [`FinetuningArguments`]: `aa`, `color_jitter`, `reprob`, `remode`, `recount`, `crop_min_scale`."""
+        from .rand_augment import ColorJitter, RandAugment, RandomErasing, mean_fill
+
+        rand_augment = RandAugment.from_config(recipe.aa, mean_fill(mean)) if recipe.aa != "none" else None
+        jitter = ColorJitter(recipe.color_jitter) if rand_augment is None and recipe.color_jitter else None
+        erasing = RandomErasing(recipe.reprob, recipe.remode, recipe.recount) if recipe.reprob > 0 else None
+        return cls(size, mean, std, (recipe.crop_min_scale, 1.0), rand_augment, jitter, erasing)
+
+    def __call__(self, image: PIL.Image.Image, generator: torch.Generator) -> torch.Tensor:
+        image = self.crop_and_flip(image, generator)
+        if self.rand_augment is not None:
+            image = self.rand_augment(image, generator)
+        elif self.color_jitter is not None:
+            image = self.color_jitter(image, generator)
+        pixels = self.normalize(image)
+        return self.erasing(pixels, generator) if self.erasing is not None else pixels
 
 
 def denormalize(pixel_values: torch.Tensor, mean, std) -> torch.Tensor:

@@ -25,14 +25,15 @@ from ..metrics import metric_path
 from . import data as data_utils
 from .arguments import (REFERENCE_TRAINER_DEFAULTS, DataArguments, FinetuningArguments, ModelArguments,
                         check_trainer_arguments, parse_marking_given)
-from .augmentation import PretrainTransform, SeededAugmentedDataset
+from .augmentation import FinetuneTransform, SeededAugmentedDataset
 from .checkpoints import (TRAINER_MARKER, check_same_model, find_checkpoint, save_folder_atomically,
                           save_model_and_processor)
 from .mixup import MixupCutmixCollator
 from .models import init_head_small, load_classifier, training_processor
 from .optim import create_optimizer
+from .recipes import FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, apply_recipe, card_lines, check_recipe_name
 from .output_dir import check_output_dir, checkpoint_bytes, claim_output_dir
-from .reporting import CardInfo, accuracy_eval_results, save_curves, save_model_card
+from .reporting import CardInfo, accuracy_eval_results, inherited, save_curves, save_model_card
 from .trainer import (
     EMACallback,
     EpochCallback,
@@ -76,6 +77,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: Finetuning
     """Fine-tune: load and check the data, build the classifier, train with the Trainer, save a pipeline-ready
     folder with its card; returns the final metrics (and EMA metrics with --model_ema)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if recipe.recipe is not None:
+        check_recipe_name(recipe.recipe, FINETUNE_RECIPES, "fine-tuning")
+        recipe.applied_recipe = apply_recipe(recipe.recipe, FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH,
+                                             training_args.world_size, model_args, recipe, training_args)
     check_trainer_arguments(training_args)
     push = training_args.push_to_hub
     if push:  # fail before any work; the Trainer's own push is replaced by ours (model, processor, card)
@@ -203,9 +208,9 @@ def checked_images(train, evaluation, image_column: str, data_args: DataArgument
 
 
 def attach_transforms(data: LabelledData, processor, model_args, recipe, data_args, seed: int) -> None:
-    """Training: RandomResizedCrop + flip seeded per sample; evaluation: the processor (what a pipeline does)."""
-    train_transform = PretrainTransform(model_args.image_size, processor.image_mean, processor.image_std,
-                                        scale=(recipe.crop_min_scale, 1.0))
+    """Training: the reference's augmentation seeded per sample; evaluation: the processor (what a pipeline does)."""
+    train_transform = FinetuneTransform.from_recipe(model_args.image_size, processor.image_mean, processor.image_std,
+                                                    recipe)
 
     def decode(cell):
         return data_utils.decode_image(cell, data_args.max_image_pixels)
@@ -317,13 +322,16 @@ def finetuning_card(metrics, data: LabelledData, plots, smoothing, model_args, d
         summary=f"ConvNeXt V2 image classifier fine-tuned from {start}.",
         data=f"`{dataset_label}`: {len(data.train)} training and {len(data.evaluation)} evaluation images, "
              f"{len(data.labels)} classes.",
-        recipe={"epochs": str(training_args.num_train_epochs), "learning rate": str(training_args.learning_rate),
+        recipe={"epochs": (str(training_args.num_train_epochs) if training_args.max_steps <= 0
+                           else f"{training_args.max_steps} steps (--max_steps)"),
+                "learning rate": str(training_args.learning_rate),
                 "batch size": str(training_args.per_device_train_batch_size),
                 "weight decay": str(training_args.weight_decay),
                 "layer-wise lr decay": f"{recipe.layer_decay} ({recipe.layer_decay_type})",
                 "drop path": str(recipe.drop_path_rate), "label smoothing": str(smoothing),
                 "mixup / cutmix": f"{recipe.mixup} / {recipe.cutmix}", "EMA": str(recipe.model_ema),
-                "image size": str(model_args.image_size)},
+                "RandAugment": recipe.aa, "random erasing": f"{recipe.reprob} ({recipe.remode}, {recipe.recount}x)",
+                "image size": str(model_args.image_size)} | card_lines(getattr(recipe, "applied_recipe", None)),
         results={k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in metrics.items()
                  if "accuracy" in k or k in ("eval_loss", "train_loss")},
         eval_results=accuracy_eval_results(
@@ -331,5 +339,5 @@ def finetuning_card(metrics, data: LabelledData, plots, smoothing, model_args, d
             dataset_label, data_args.dataset_name or "imagefolder", "validation"),
         plots=plots,
         datasets=[data_args.dataset_name] if data_args.dataset_name else None,
-        base_model=model_args.model_name_or_path if model_args.model_name_or_path and not local_start else None,
+        **inherited(model_args.model_name_or_path),
     )

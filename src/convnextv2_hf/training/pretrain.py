@@ -30,7 +30,8 @@ from .masked_datasets import EpochSampler, EvaluationMaskedDataset, MaskedImageD
 from .models import build_fcmae
 from .optim import param_groups
 from .output_dir import check_output_dir, checkpoint_bytes, claim_output_dir
-from .reporting import CardInfo, save_curves, save_model_card, save_reconstruction_grid
+from .recipes import PRETRAIN_RECIPES, PRETRAIN_TOTAL_BATCH, apply_recipe, card_lines, check_recipe_name
+from .reporting import CardInfo, inherited, save_curves, save_model_card, save_reconstruction_grid
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: PretrainingA
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.push_to_hub:  # fail before any work
         ensure_hub_available("push the pre-trained model (--push_to_hub)", args.hub_token)
+    if args.recipe is not None:  # before the accelerator, which takes the accumulation steps
+        check_recipe_name(args.recipe, PRETRAIN_RECIPES, "pre-training")
+        args.applied_recipe = apply_recipe(args.recipe, PRETRAIN_RECIPES, PRETRAIN_TOTAL_BATCH,
+                                           int(os.environ.get("WORLD_SIZE", "1")), model_args, args)
     accelerator = build_accelerator(args)
     set_seed(args.seed)
     with claim_main_process_output_dir(args, accelerator):
@@ -306,8 +311,10 @@ def write_report(model, processor, state: TrainingState, data, plan: TrainingPla
                 "optimizer": f"AdamW ({args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay}",
                 "mask ratio": str(config.mask_ratio), "image size": str(model_args.image_size),
                 "norm_pix_loss": str(config.norm_pix_loss),
-                "augmentation": f"RandomResizedCrop(scale {args.crop_min_scale}-1.0) + horizontal flip"},
+                "augmentation": f"RandomResizedCrop(scale {args.crop_min_scale}-1.0) + horizontal flip"}
+               | card_lines(getattr(args, "applied_recipe", None)),
         results=results, plots={"Pre-training loss": "loss_curve.png",
                                 "Reconstructions (input, masked, reconstruction)": "reconstructions.png"},
         datasets=[data_args.dataset_name] if data_args.dataset_name else None,
+        **inherited(model_args.model_name_or_path),
     ), out)

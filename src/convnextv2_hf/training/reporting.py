@@ -156,6 +156,7 @@ class CardInfo:
     datasets: list[str] | None = None
     base_model: str | None = None
     tags: list[str] = field(default_factory=list)
+    license: str = "apache-2.0"
 
 
 def build_model_card(model, info: CardInfo) -> ModelCard:
@@ -165,7 +166,7 @@ def build_model_card(model, info: CardInfo) -> ModelCard:
     card_data = ModelCardData(
         model_name=info.model_name,
         library_name="transformers",
-        license="apache-2.0",
+        license=info.license,
         pipeline_tag=None if fcmae else "image-classification",
         tags=["convnextv2", "convnextv2-hf", "vision"] + (["fcmae", "masked-image-modeling"] if fcmae else []) + info.tags,
         datasets=info.datasets,
@@ -205,6 +206,25 @@ def build_model_card(model, info: CardInfo) -> ModelCard:
         plots=info.plots,
         usage=usage,
     )
+
+
+def start_card(source: str | None) -> dict:
+    """The metadata of the card in a local start folder (empty without one): what a model trained from it inherits
+    (its `license`, and its `base_model` or the start's own hub id)."""
+    path = os.path.join(source or "", "README.md")
+    if not source or not os.path.isfile(path):
+        return {}
+    return ModelCard.load(path).data.to_dict()
+
+
+def inherited(source: str | None) -> dict:
+    """`license` and `base_model` for a card of a model trained from `source` (a local folder or a hub id)."""
+    if not source:
+        return {}
+    if not os.path.isdir(source):
+        return {"base_model": source}
+    card = start_card(source)
+    return {key: card[key] for key in ("license", "base_model") if card.get(key)}
 
 
 def save_model_card(model, info: CardInfo, output_dir: str) -> ModelCard:
