@@ -125,3 +125,21 @@ def test_colour_jitter_stays_within_its_range_and_is_seeded():
     b = ColorJitter(0.4)(image, torch.Generator().manual_seed(1))
     assert np.array_equal(np.asarray(a), np.asarray(b)) and not np.array_equal(np.asarray(a), np.asarray(image))
     assert np.array_equal(np.asarray(ColorJitter(0.0)(image, torch.Generator())), np.asarray(image))
+
+
+def test_the_fine_tuning_transform_is_seeded_per_sample_and_off_means_off():
+    from convnextv2_hf.training.arguments import FinetuningArguments
+    from convnextv2_hf.training.augmentation import FinetuneTransform, PretrainTransform, sample_generator
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    full = FinetuneTransform.from_recipe(32, mean, std, FinetuningArguments())
+    assert full.rand_augment is not None and full.erasing is not None and full.color_jitter is None
+    same = [full(photo, sample_generator(0, 1, 5)) for _ in range(2)]
+    assert torch.equal(same[0], same[1])
+    assert not torch.equal(same[0], full(photo, sample_generator(0, 2, 5)))  # another epoch, other draws
+    off = FinetuneTransform.from_recipe(32, mean, std, FinetuningArguments(aa="none", reprob=0.0, color_jitter=0.0))
+    plain = PretrainTransform(32, mean, std, scale=(0.08, 1.0))
+    assert torch.equal(off(photo, sample_generator(0, 1, 5)), plain(photo, sample_generator(0, 1, 5)))
+    jitter = FinetuneTransform.from_recipe(32, mean, std, FinetuningArguments(aa="none"))
+    assert jitter.color_jitter is not None and jitter.rand_augment is None  # jitter only without RandAugment

@@ -3,9 +3,13 @@
 Each row: (what, the reference's value and where it is set, ours as the scripts resolve it with no flags).
 """
 
+import sys
+
 import pytest
 import torch
 from transformers import TrainingArguments
+
+from conftest import REPO, make_image_folder, run_as_user
 
 from convnextv2_hf import ConvNextV2Config, ConvNextV2ForMaskedImageModeling, ConvNextV2ImageProcessor
 from convnextv2_hf.training.arguments import REFERENCE_TRAINER_DEFAULTS
@@ -169,3 +173,24 @@ def test_a_given_flag_wins_over_the_recipe_and_is_a_deviation():
         model_args, _, recipe, training = finetune_args(["--output_dir", "unused", "--per_device_train_batch_size",
                                                          "24"])
         apply_recipe("tiny", FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, 1, model_args, recipe, training)
+
+
+def test_run_finetune_with_the_atto_recipe_on_a_tiny_folder(tmp_path):
+    """Every reference option on (RandAugment, erasing, EMA, layer decay, smoothing 0.2, drop path), at a size this
+    machine can run: the size flags given are deviations, and the card says so."""
+    images = make_image_folder(tmp_path / "images", per_class=6, corrupt=False)
+    out = tmp_path / "out"
+    result = run_as_user([sys.executable, str(REPO / "examples" / "classification" / "run_finetune.py"), "--recipe",
+                          "atto", "--train_dir", str(images), "--output_dir", str(out), "--image_size", "32",
+                          "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--max_steps",
+                          "2", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
+                          "--train_val_split", "0.25"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--recipe atto: image_size is 32 instead of the recipe's 224" in result.stderr
+    card = (out / "README.md").read_text()
+    for line in ("**RandAugment**: rand-m9-mstd0.5-inc1", "**random erasing**: 0.25 (pixel, 1x)", "**EMA**: True",
+                 "**layer-wise lr decay**: 0.9 (single)", "**label smoothing**: 0.2", "**weight decay**: 0.3",
+                 "**drop path**: 0.1", "**reference recipe**: atto",
+                 "**deviations from it**: per_device_train_batch_size 4, image_size 32, total batch 4"):
+        assert line in card, line
+    assert (out / "ema" / "model.safetensors").is_file()
