@@ -301,31 +301,37 @@ def drop_unreadable(dataset: Dataset | IterableDataset, image_column: str, max_p
 
 def check_headers(dataset: Dataset, image_column: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     """Open every image's header (no pixels are decoded), so that files that are not images at all, or far too
-    large, are named before training rather than hours into it. Threads overlap the file reads (a cold cache makes
-    this I/O-bound), batches keep memory flat; the first bad file (in data order) is the one named."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm.auto import tqdm
-
-    def check(records) -> None:
-        for record in records:
-            open_image_header(record, max_pixels).close()
-
-    threads = min(32, 4 * (os.cpu_count() or 1))
-    progress = tqdm(total=len(dataset), desc="Checking image headers", disable=len(dataset) < 10_000)
-    with ThreadPoolExecutor(threads) as pool:
-        for batch in dataset.iter(batch_size=threads * 256):
-            records = batch[image_column]
-            list(pool.map(check, [records[i:i + 256] for i in range(0, len(records), 256)]))
-            progress.update(len(records))
-    progress.close()
+    large, are named before training rather than hours into it."""
+    check_in_threads(dataset, image_column, lambda record: open_image_header(record, max_pixels).close(),
+                     "Checking image headers")
 
 
 def check_readable(dataset: Dataset, image_column: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     """Decode every evaluation image once before training, so a file that evaluation (the image processor) cannot
     take fails now, naming it, not after hours of training."""
-    for record in dataset[image_column]:
-        decode_for_processor(record, max_pixels)
+    check_in_threads(dataset, image_column, lambda record: decode_for_processor(record, max_pixels),
+                     "Decoding evaluation images")
+
+
+def check_in_threads(dataset: Dataset, image_column: str, check, description: str) -> None:
+    """`check(record)` for every image, over threads (file reads and PIL's decoders release the GIL) and in
+    batches (memory stays flat); the first bad file in data order is the one named."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    def check_all(records) -> None:
+        for record in records:
+            check(record)
+
+    threads = min(32, 4 * (os.cpu_count() or 1))
+    progress = tqdm(total=len(dataset), desc=description, disable=len(dataset) < 10_000)
+    with ThreadPoolExecutor(threads) as pool:
+        for batch in dataset.iter(batch_size=threads * 256):
+            records = batch[image_column]
+            list(pool.map(check_all, [records[i:i + 256] for i in range(0, len(records), 256)]))
+            progress.update(len(records))
+    progress.close()
 
 
 def check_not_empty(dataset: Dataset | IterableDataset, split: str) -> None:
