@@ -140,3 +140,23 @@ def test_mixup_cutmix_collator_makes_soft_labels():
     cut = MixupCutmixCollator(3, cutmix_alpha=1.0)(examples)
     values = cut["pixel_values"][0].unique()
     assert set(values.tolist()) <= {0.0, 3.0}
+
+
+def test_evaluation_sees_the_processor_not_the_training_augmentation(images, tmp_path):
+    """With RandAugment and erasing on for training, evaluation images are exactly what the saved processor (and so
+    a pipeline) makes of them."""
+    from convnextv2_hf import ConvNextV2ImageProcessor
+    from convnextv2_hf.training.arguments import DataArguments, FinetuningArguments, ModelArguments
+    from convnextv2_hf.training.data import decode_image, folder_dataset, scan_folder
+    from convnextv2_hf.training.finetune import LabelledData, attach_transforms
+
+    split = folder_dataset(scan_folder(images, "--train_dir"), labelled=True)
+    split = split.filter(lambda row: not row["image"]["path"].endswith("broken.png"))
+    data = LabelledData(split, split.select(range(len(split))), "image", "label", ["cats", "dogs"], 0, 0)
+    processor = ConvNextV2ImageProcessor(size={"shortest_edge": 32})
+    recipe = FinetuningArguments()
+    assert recipe.aa != "none" and recipe.reprob > 0
+    attach_transforms(data, processor, ModelArguments(image_size=32), recipe, DataArguments(), seed=0)
+    for index in range(3):
+        expected = processor(decode_image(split[index]["image"]), return_tensors="pt")["pixel_values"][0]
+        assert torch.equal(data.evaluation[index]["pixel_values"], expected)
