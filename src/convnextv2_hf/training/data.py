@@ -6,9 +6,11 @@ the class layout checked) and then read by `datasets`' `imagefolder` builder fro
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,9 +47,15 @@ class FolderScan:
     ignored: list[Path] = field(default_factory=list)
     metadata: list[Path] = field(default_factory=list)
 
-    @property
+    @functools.cached_property
+    def parts(self) -> list[tuple[str, ...]]:
+        """Each image's path parts below `root` (computed once: a million `relative_to` calls take seconds)."""
+        prefix = len(self.root.parts)
+        return [path.parts[prefix:] for path in self.images]
+
+    @functools.cached_property
     def classes(self) -> list[str]:
-        return sorted({p.relative_to(self.root).parts[0] for p in self.images if len(p.relative_to(self.root).parts) > 1})
+        return sorted({parts[0] for parts in self.parts if len(parts) > 1})
 
 
 def scan_folder(root: str | os.PathLike, flag: str, ignore_metadata: bool = False) -> FolderScan:
@@ -96,13 +104,13 @@ def walk_files(root: Path) -> list[Path]:
 
 def check_class_layout(scan: FolderScan, flag: str) -> list[str]:
     """Labelled folders hold one sub-folder per class with the images directly inside; returns the class names."""
-    depths = {len(p.relative_to(scan.root).parts) for p in scan.images}
+    depths = {len(parts) for parts in scan.parts}
     if 1 in depths:
-        loose = next(p for p in scan.images if len(p.relative_to(scan.root).parts) == 1)
+        loose = next(p for p, parts in zip(scan.images, scan.parts) if len(parts) == 1)
         raise ValueError(f"{flag} has images directly inside it (e.g. {loose.name}); labels come from class "
                          "sub-folders: move every image into <folder>/<class name>/.")
     if depths != {2}:
-        deep = next(p for p in scan.images if len(p.relative_to(scan.root).parts) > 2)
+        deep = next(p for p, parts in zip(scan.images, scan.parts) if len(parts) > 2)
         raise ValueError(f"{flag} has images nested below the class folders (e.g. {deep.relative_to(scan.root)}); "
                          "put each image directly inside its class folder.")
     if len(scan.classes) < 2:
@@ -157,7 +165,7 @@ def folder_dataset(scan: FolderScan, labelled: bool) -> Dataset:
     features = {"image": Image(decode=False)}
     if labelled:
         index = {name: i for i, name in enumerate(scan.classes)}
-        columns["label"] = pa.array([index[path.relative_to(scan.root).parts[0]] for path in scan.images], pa.int64())
+        columns["label"] = pa.array([index[parts[0]] for parts in scan.parts], pa.int64())
         features["label"] = ClassLabel(names=scan.classes)
     return Dataset(InMemoryTable(pa.table(columns)), info=DatasetInfo(features=Features(features)))
 
@@ -301,16 +309,44 @@ def drop_unreadable(dataset: Dataset | IterableDataset, image_column: str, max_p
 
 def check_headers(dataset: Dataset, image_column: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     """Open every image's header (no pixels are decoded), so that files that are not images at all, or far too
-    large, are named before training rather than hours into it."""
-    check_in_threads(dataset, image_column, lambda record: open_image_header(record, max_pixels).close(),
-                     "Checking image headers")
+    large, are named before training rather than hours into it. Once per machine: see [`checked_once`]."""
+    with checked_once(dataset, image_column, f"headers-{max_pixels}") as needed:
+        if needed:
+            check_in_threads(dataset, image_column, lambda record: open_image_header(record, max_pixels).close(),
+                             "Checking image headers")
 
 
 def check_readable(dataset: Dataset, image_column: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     """Decode every evaluation image once before training, so a file that evaluation (the image processor) cannot
-    take fails now, naming it, not after hours of training."""
-    check_in_threads(dataset, image_column, lambda record: decode_for_processor(record, max_pixels),
-                     "Decoding evaluation images")
+    take fails now, naming it, not after hours of training. Once per machine: see [`checked_once`]."""
+    with checked_once(dataset, image_column, f"decoded-{max_pixels}") as needed:
+        if needed:
+            check_in_threads(dataset, image_column, lambda record: decode_for_processor(record, max_pixels),
+                             "Decoding evaluation images")
+
+
+@contextmanager
+def checked_once(dataset: Dataset, image_column: str, check: str):
+    """Yields whether `check` must run on these image files: not when it passed before on this machine for the
+    same files (paths, sizes and modification times), which other processes of a launch and every resume reuse. A
+    marker in the datasets cache records a pass; files given as bytes are always checked."""
+    import hashlib
+
+    from datasets import config
+
+    digest = hashlib.sha256(check.encode())
+    for batch in dataset.iter(batch_size=4096):
+        for record in batch[image_column]:
+            path = record.get("path") if isinstance(record, dict) and record.get("bytes") is None else None
+            stat = os.stat(path) if path is not None and os.path.exists(path) else None
+            if stat is None:  # bytes, or a file gone since the scan: the check itself names it
+                yield True
+                return
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    marker = Path(config.HF_DATASETS_CACHE, "convnextv2_hf", "checked", digest.hexdigest())
+    yield not marker.exists()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
 
 
 def check_in_threads(dataset: Dataset, image_column: str, check, description: str) -> None:

@@ -168,24 +168,46 @@ def load_labelled_data(data_args: DataArguments, recipe: FinetuningArguments, tr
 
 def held_out_split(train, label_column: str, labels: list[str], fraction: float, seed: int):
     """A stratified `fraction` of train for evaluation (no --validation_dir): every class needs an image on both
-    sides."""
-    from collections import Counter
+    sides. Computed on the label column as one array (datasets' stratified split reads every row in Python)."""
+    import numpy as np
 
     data_utils.check_not_empty(train, "train")
     if not hasattr(train.features[label_column], "names"):
         split = train.train_test_split(fraction, seed=seed)
         return split["train"], split["test"]
-    counts = Counter(train[label_column])
-    rare = min(range(len(labels)), key=lambda i: counts.get(i, 0))
+    classes = np.asarray(train.with_format("numpy")[label_column])
+    counts = np.bincount(classes, minlength=len(labels))
+    rare = int(counts.argmin())
     held_out = math.ceil(fraction * len(train))
-    if counts.get(rare, 0) < 2 or not len(labels) <= held_out <= len(train) - len(labels):
+    if counts[rare] < 2 or not len(labels) <= held_out <= len(train) - len(labels):
         raise ValueError(
             f"Cannot hold out --train_val_split {fraction} of {len(train)} training images with every one of the "
-            f"{len(labels)} classes on both sides (class {labels[rare]!r} has {counts.get(rare, 0)} image(s)); add "
+            f"{len(labels)} classes on both sides (class {labels[rare]!r} has {counts[rare]} image(s)); add "
             "images, change --train_val_split, or pass --validation_dir."
         )
-    split = train.train_test_split(fraction, seed=seed, stratify_by_column=label_column)
-    return split["train"], split["test"]
+    test = stratified_indices(classes, counts, held_out, np.random.default_rng(seed))
+    rest = np.setdiff1d(np.arange(len(train)), test)
+    return train.select(rest), train.select(np.sort(test))
+
+
+def stratified_indices(classes, counts, total: int, rng):
+    """`total` indices drawn class by class in proportion to `counts` (largest remainders; at least one of each
+    class, and at least one left), each class's own indices shuffled by `rng`."""
+    import numpy as np
+
+    share = counts * total / counts.sum()
+    take = np.clip(np.floor(share).astype(int), 1, counts - 1)
+    for index in np.argsort(-(share - np.floor(share)), kind="stable"):
+        if take.sum() >= total:
+            break
+        if take[index] < counts[index] - 1:
+            take[index] += 1
+    for index in np.argsort(-take, kind="stable"):  # a surplus from the at-least-one rule comes off the largest
+        if take.sum() <= total:
+            break
+        if take[index] > 1:
+            take[index] -= 1
+    return np.concatenate([rng.permutation(np.flatnonzero(classes == c))[:take[c]] for c in range(len(counts))])
 
 
 def checked_images(train, evaluation, image_column: str, data_args: DataArguments, training_args):
