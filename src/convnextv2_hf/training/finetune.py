@@ -175,7 +175,7 @@ def held_out_split(train, label_column: str, labels: list[str], fraction: float,
     if not hasattr(train.features[label_column], "names"):
         split = train.train_test_split(fraction, seed=seed)
         return split["train"], split["test"]
-    classes = np.asarray(train.with_format("numpy")[label_column])
+    classes = train.select_columns([label_column]).with_format("arrow")[:].column(0).to_numpy()
     counts = np.bincount(classes, minlength=len(labels))
     rare = int(counts.argmin())
     held_out = math.ceil(fraction * len(train))
