@@ -477,7 +477,8 @@ def startup_commands(root: Path, out: Path) -> dict[str, list[str]]:
                          "--output_dir", str(out / "pre"), "--max_train_steps", "1", "--overwrite_output_dir"],
         "run_finetune.py": [sys.executable, str(HERE.parent / "examples/classification/run_finetune.py"), *common,
                             "--output_dir", str(out / "fine"), "--max_steps", "1", "--overwrite_output_dir",
-                            "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none"],
+                            "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
+                            "--max_eval_samples", "256"],  # the final evaluation runs after training
         "torchvision ImageFolder": [os.environ.get("CONVNEXTV2_TEST_TORCHVISION_PYTHON", "python"), "-c",
                                     TORCHVISION_STARTUP, str(root)],
     }
@@ -514,7 +515,8 @@ def startup_section(args, common: dict) -> list[str]:
     sizes = args.startup_sizes
     times = startup_times(sizes, Path(tempfile.mkdtemp(prefix="startup-")))
     lines = [f"## Start-up: launch to the first optimizer step ({sizes[0]:,} and {sizes[1]:,} images, warm cache)", "",
-             "Ours include a tiny model's save after the step; torchvision `ImageFolder` + `DataLoader` + one step of "
+             "Ours include a tiny model's save after the step (and for fine-tuning a final evaluation of 256 held-out "
+             "images, `--max_eval_samples 256`); torchvision `ImageFolder` + `DataLoader` + one step of "
              "a tiny model is what the reference's data path costs (run in the torchvision environment). `first`: "
              "the image checks run; `again`: they passed before on this machine (a resume, another process).", "",
              "| script | run | " + " | ".join(f"{size:,} images (s)" for size in sizes) +
