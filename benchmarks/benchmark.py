@@ -57,6 +57,20 @@ def timed(step, device: str, warmup: int, repeats: int) -> list[float]:
     return [seconds(step, device)[0] for _ in range(warmup + repeats)][warmup:]
 
 
+def training_step(model, optimizer, job: dict, **inputs):
+    """One forward (under bf16 autocast with `job["bf16"]`), backward and optimizer step, as a callable to time."""
+    import torch
+
+    def step():
+        with torch.autocast(device_type=job["device"], dtype=torch.bfloat16, enabled=job["bf16"]):
+            loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def train_worker(job: dict) -> dict:
     """One FCMAE training step (forward, backward, AdamW step) per call, for one preset/backend/mask ratio."""
     import torch
@@ -81,13 +95,7 @@ def train_worker(job: dict) -> dict:
         mask[0, 0] = True
     mask = mask.to(device)
 
-    def step():
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=job["bf16"]):
-            loss = model(images, bool_masked_pos=mask).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = training_step(model, optimizer, job, pixel_values=images, bool_masked_pos=mask)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
@@ -116,14 +124,8 @@ def finetune_worker(job: dict) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     images, labels = torch.randn(batch, 3, size, size, device=device), torch.randint(0, 1000, (batch,), device=device)
 
-    def step():
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=job["bf16"]):
-            loss = model(images, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step_times = timed(step, device, job["warmup"], job["repeats"])
+    step_times = timed(training_step(model, optimizer, job, pixel_values=images, labels=labels), device,
+                       job["warmup"], job["repeats"])
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (375, 500, 3), dtype=np.uint8))
     transform = FinetuneTransform.from_recipe(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
                                               FinetuningArguments())

@@ -77,6 +77,26 @@ def run_as_user(command: list[str], tmp_path=None, timeout: int = 300, cwd=None,
                           text=True, timeout=timeout, cwd=cwd or REPO)
 
 
+# The user's commands, run in a fresh process by `run_as_user`.
+CLI = [sys.executable, "-m", "convnextv2_hf.cli"]
+PRETRAIN = [sys.executable, str(REPO / "examples" / "pretraining" / "run_fcmae.py")]
+FINETUNE = [sys.executable, str(REPO / "examples" / "classification" / "run_finetune.py")]
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> str:
+    """The command succeeded; returns what it printed (stdout, then stderr)."""
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def assert_one_line(result: subprocess.CompletedProcess, *words: str) -> None:
+    """The command failed as an expected error does: exit 2, one `error:` line naming `words`, no traceback."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+
+
 def run_plain_python(code: str, tmp_path, timeout: int = 300, python: str = sys.executable) -> str:
     """Run `code` in a fresh interpreter that never imports this package (asserted at its end); returns stdout."""
     result = run_as_user([python, "-c", textwrap.dedent(code) + NOT_IMPORTED], tmp_path, timeout)

@@ -2,22 +2,13 @@
 card the project writes parses with `huggingface_hub.ModelCard` (its `validate()` needs the Hub, so it cannot run
 offline)."""
 
-import sys
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from conftest import REPO, make_image_folder, perturbed, run_as_user, tiny_config
+from conftest import CLI, FINETUNE, assert_ok, make_image_folder, perturbed, run_as_user, tiny_config
 from convnextv2_hf import ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
 from convnextv2_hf.convert_convnextv2 import export_checkpoint
-
-CLI = [sys.executable, "-m", "convnextv2_hf.cli"]
-FINETUNE = [sys.executable, str(REPO / "examples" / "classification" / "run_finetune.py")]
-
-
-def assert_ok(result) -> str:
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
 
 
 def card_of(folder: Path) -> ModelCard:

@@ -2,20 +2,16 @@
 conversion or export, and images a demo is pointed at stay byte-identical (issue 21's data-loss cases)."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from conftest import REPO, TINY_OVERRIDES, make_image_folder, perturbed, run_as_user, tiny_config
+from conftest import (CLI, FINETUNE, PRETRAIN, TINY_OVERRIDES, assert_one_line, make_image_folder, perturbed,
+                      run_as_user, tiny_config)
 from convnextv2_hf import ConvNextV2ForImageClassification
 from convnextv2_hf.convert_convnextv2 import export_checkpoint
 from convnextv2_hf.training.manifest import MANIFEST_NAME
-
-CLI = [sys.executable, "-m", "convnextv2_hf.cli"]
-PRETRAIN = [sys.executable, str(REPO / "examples" / "pretraining" / "run_fcmae.py")]
-FINETUNE = [sys.executable, str(REPO / "examples" / "classification" / "run_finetune.py")]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -31,13 +27,6 @@ def user_files(folder: Path) -> Path:
     (folder / "photos").mkdir(exist_ok=True)
     (folder / "photos" / "a.txt").write_text("a")
     return folder
-
-
-def assert_one_line(result, *words):
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    for word in words:
-        assert word in errors[0], (word, errors[0])
 
 
 def test_convert_into_a_folder_holding_the_source_keeps_everything(tmp_path):

@@ -12,13 +12,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, TINY_OVERRIDES, make_image_folder, run_as_user, tiny_config
+from conftest import (CLI, FINETUNE, PRETRAIN, TINY_OVERRIDES, assert_ok, assert_one_line, make_image_folder,
+                      run_as_user, tiny_config)
 from convnextv2_hf import ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling, ConvNextV2ImageProcessor
 from convnextv2_hf.training.checkpoints import save_model_and_processor
 
-CLI = [sys.executable, "-m", "convnextv2_hf.cli"]
-PRETRAIN = [sys.executable, str(REPO / "examples" / "pretraining" / "run_fcmae.py")]
-FINETUNE = [sys.executable, str(REPO / "examples" / "classification" / "run_finetune.py")]
 SMALL = ["--image_size", "32", "--per_device_train_batch_size", "4", "--seed", "0"]
 
 
@@ -32,17 +30,6 @@ def finetune_cmd(train: Path, out: Path, *extra: str, overrides: str = TINY_OVER
     return [*FINETUNE, "--train_dir", str(train), "--output_dir", str(out), *start, *SMALL, "--max_steps", "1",
             "--learning_rate", "1e-3", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
             "--disable_tqdm", "true", "--train_val_split", "0.25", *extra]
-
-
-def assert_one_line(result, *words: str) -> None:
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    for word in words:
-        assert word in errors[0], (word, errors[0])
-
-
-def assert_ok(result) -> None:
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def config_of(folder: Path) -> dict:

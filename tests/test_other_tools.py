@@ -11,19 +11,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, TINY_OVERRIDES, make_image_folder, perturbed, run_as_user, run_plain_python, tiny_config
+from conftest import (CLI, REPO, TINY_OVERRIDES, assert_ok, make_image_folder, perturbed, run_as_user,
+                      run_plain_python, tiny_config)
 from convnextv2_hf import ConvNextV2Config, ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
 from convnextv2_hf import ConvNextV2ImageProcessor
 from convnextv2_hf.convert_convnextv2 import export_checkpoint
 from convnextv2_hf.training.checkpoints import save_model_and_processor
 
-CLI = [sys.executable, "-m", "convnextv2_hf.cli"]
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def assert_ok(result) -> str:
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")

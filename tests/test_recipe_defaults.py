@@ -141,7 +141,8 @@ TRAINING_MD_PRETRAINING = {"base": (64 * 8 * 8, 1.5e-4, 1600, 40)}
 def test_finetuning_recipes_are_training_md_side_by_side():
     for size, published in TRAINING_MD_FINETUNING.items():
         model_args, _, recipe, training = finetune_args(["--output_dir", "unused", "--recipe", size])
-        applied = apply_recipe(size, FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, 1, model_args, recipe, training)
+        applied = apply_recipe(size, FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, 1, "fine-tuning", model_args, recipe,
+                               training)
         total = training.per_device_train_batch_size * training.gradient_accumulation_steps
         ours = (total, recipe.base_learning_rate, training.num_train_epochs, recipe.warmup_epochs,
                 recipe.layer_decay_type, recipe.layer_decay, training.weight_decay, recipe.drop_path_rate,
@@ -153,7 +154,7 @@ def test_finetuning_recipes_are_training_md_side_by_side():
 
 def test_pretraining_recipe_is_training_md_and_unpublished_sizes_are_refused():
     model_args, _, args = pretrain_args(["--output_dir", "unused", "--recipe", "base"])
-    apply_recipe("base", PRETRAIN_RECIPES, PRETRAIN_TOTAL_BATCH, 8, model_args, args)
+    apply_recipe("base", PRETRAIN_RECIPES, PRETRAIN_TOTAL_BATCH, 8, "pre-training", model_args, args)
     ours = (args.per_device_train_batch_size * 8 * args.gradient_accumulation_steps, args.base_learning_rate,
             args.num_train_epochs, args.warmup_epochs)
     assert ours == TRAINING_MD_PRETRAINING["base"] and model_args.model_preset == "base"
@@ -165,14 +166,16 @@ def test_pretraining_recipe_is_training_md_and_unpublished_sizes_are_refused():
 def test_a_given_flag_wins_over_the_recipe_and_is_a_deviation():
     model_args, _, recipe, training = finetune_args(["--output_dir", "unused", "--recipe", "tiny",
                                                      "--drop_path_rate", "0.3", "--per_device_train_batch_size", "16"])
-    applied = apply_recipe("tiny", FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, 2, model_args, recipe, training)
+    applied = apply_recipe("tiny", FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, 2, "fine-tuning", model_args, recipe,
+                           training)
     assert recipe.drop_path_rate == 0.3 and applied.deviations == {"drop_path_rate": 0.3,
                                                                   "per_device_train_batch_size": 16}
     assert training.gradient_accumulation_steps == 1024 // (16 * 2)  # the total batch stays the reference's
     with pytest.raises(ValueError, match="not a multiple"):
         model_args, _, recipe, training = finetune_args(["--output_dir", "unused", "--per_device_train_batch_size",
                                                          "24"])
-        apply_recipe("tiny", FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, 1, model_args, recipe, training)
+        apply_recipe("tiny", FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, 1, "fine-tuning", model_args, recipe,
+                     training)
 
 
 def test_run_finetune_with_the_atto_recipe_on_a_tiny_folder(tmp_path):

@@ -1,7 +1,8 @@
 """Image datasets for the entry points: Hub or local folders, one image decoder, clear errors before training.
 
 Local folders are scanned first (images counted, other files ignored and counted, a stray `metadata.csv` named,
-the class layout checked) and then read by `datasets`' `imagefolder` builder from the explicit list of image files.
+the class layout checked) and the list of image files becomes a `Dataset` directly in Arrow, as `datasets`'
+`imagefolder` builder would lay it out.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class FolderScan:
     images: list[Path] = field(default_factory=list)
     ignored: list[Path] = field(default_factory=list)
     metadata: list[Path] = field(default_factory=list)
+    broken: int = 0  # links to nothing, counted among `ignored`
 
     @functools.cached_property
     def parts(self) -> list[tuple[str, ...]]:
@@ -67,7 +69,8 @@ def scan_folder(root: str | os.PathLike, flag: str, ignore_metadata: bool = Fals
         raise FileNotFoundError(f"{flag} {str(root)!r} is not a directory.")
     for path in walk_files(scan.root):
         if not path.exists():
-            scan.ignored.append(path)  # a link to nothing
+            scan.ignored.append(path)
+            scan.broken += 1
         elif path.name in METADATA_FILENAMES:
             scan.metadata.append(path)
         elif path.suffix.lower() in IMAGE_EXTENSIONS:
@@ -81,9 +84,8 @@ def scan_folder(root: str | os.PathLike, flag: str, ignore_metadata: bool = Fals
         others = f" ({len(scan.ignored)} other files, e.g. {scan.ignored[0].name})" if scan.ignored else ""
         raise ValueError(f"{flag} {str(root)!r} holds no image files{others}; supported: .png, .jpg, .jpeg, .webp, ...")
     if scan.ignored:
-        broken = sum(not p.exists() for p in scan.ignored)
         logger.warning("%s: ignoring %d non-image file(s) (%d broken link(s)), e.g. %s", flag, len(scan.ignored),
-                       broken, scan.ignored[0])
+                       scan.broken, scan.ignored[0])
     return scan
 
 
@@ -146,10 +148,10 @@ def load_image_dataset(args, labelled: bool = False, streaming: bool = False, to
         if "validation" in scans:
             check_class_folders(scans["train"], scans["validation"])
     splits = {split: folder_dataset(scan, labelled) for split, scan in scans.items()}
+    ignored = sum(len(scan.ignored) for scan in scans.values())
     if streaming:
-        return IterableDatasetDict({k: v.to_iterable_dataset() for k, v in splits.items()}), sum(
-            len(scan.ignored) for scan in scans.values())
-    return DatasetDict(splits), sum(len(scan.ignored) for scan in scans.values())
+        return IterableDatasetDict({k: v.to_iterable_dataset() for k, v in splits.items()}), ignored
+    return DatasetDict(splits), ignored
 
 
 def folder_dataset(scan: FolderScan, labelled: bool) -> Dataset:
@@ -338,8 +340,11 @@ def checked_once(dataset: Dataset, image_column: str, check: str):
     for batch in dataset.iter(batch_size=4096):
         for record in batch[image_column]:
             path = record.get("path") if isinstance(record, dict) and record.get("bytes") is None else None
-            stat = os.stat(path) if path is not None and os.path.exists(path) else None
-            if stat is None:  # bytes, or a file gone since the scan: the check itself names it
+            try:
+                stat = os.stat(path)
+            except (TypeError, OSError):  # bytes (no path), or a file gone since the scan
+                stat = None
+            if stat is None:  # always checked: the check itself names the file
                 yield True
                 return
             digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())

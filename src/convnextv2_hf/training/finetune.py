@@ -31,7 +31,7 @@ from .checkpoints import (TRAINER_MARKER, check_same_model, find_checkpoint, sav
 from .mixup import MixupCutmixCollator
 from .models import init_head_small, load_classifier, training_processor
 from .optim import create_optimizer
-from .recipes import FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, apply_recipe, card_lines, check_recipe_name
+from .recipes import FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, apply_recipe, card_lines
 from .output_dir import check_output_dir, checkpoint_bytes, claim_output_dir
 from .reporting import CardInfo, accuracy_eval_results, inherited, save_curves, save_model_card
 from .trainer import (
@@ -78,9 +78,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: Finetuning
     folder with its card; returns the final metrics (and EMA metrics with --model_ema)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if recipe.recipe is not None:
-        check_recipe_name(recipe.recipe, FINETUNE_RECIPES, "fine-tuning")
         recipe.applied_recipe = apply_recipe(recipe.recipe, FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH,
-                                             training_args.world_size, model_args, recipe, training_args)
+                                             training_args.world_size, "fine-tuning", model_args, recipe,
+                                             training_args)
     check_trainer_arguments(training_args)
     push = training_args.push_to_hub
     if push:  # fail before any work; the Trainer's own push is replaced by ours (model, processor, card)

@@ -30,7 +30,7 @@ from .masked_datasets import EpochSampler, EvaluationMaskedDataset, MaskedImageD
 from .models import build_fcmae
 from .optim import param_groups
 from .output_dir import check_output_dir, checkpoint_bytes, claim_output_dir
-from .recipes import PRETRAIN_RECIPES, PRETRAIN_TOTAL_BATCH, apply_recipe, card_lines, check_recipe_name
+from .recipes import PRETRAIN_RECIPES, PRETRAIN_TOTAL_BATCH, apply_recipe, card_lines
 from .reporting import CardInfo, inherited, save_curves, save_model_card, save_reconstruction_grid
 
 logger = logging.getLogger(__name__)
@@ -64,9 +64,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: PretrainingA
     if args.push_to_hub:  # fail before any work
         ensure_hub_available("push the pre-trained model (--push_to_hub)", args.hub_token)
     if args.recipe is not None:  # before the accelerator, which takes the accumulation steps
-        check_recipe_name(args.recipe, PRETRAIN_RECIPES, "pre-training")
         args.applied_recipe = apply_recipe(args.recipe, PRETRAIN_RECIPES, PRETRAIN_TOTAL_BATCH,
-                                           int(os.environ.get("WORLD_SIZE", "1")), model_args, args)
+                                           int(os.environ.get("WORLD_SIZE", "1")), "pre-training", model_args, args)
     accelerator = build_accelerator(args)
     set_seed(args.seed)
     with claim_main_process_output_dir(args, accelerator):

@@ -60,9 +60,11 @@ def check_recipe_name(name: str | None, recipes: dict, script: str) -> None:
     raise ValueError(f"--recipe {name!r} is not a recipe; choose one of {published}.")
 
 
-def apply_recipe(name: str, recipes: dict, total_batch: int, world_size: int, *argument_objects) -> AppliedRecipe:
+def apply_recipe(name: str, recipes: dict, total_batch: int, world_size: int, script: str,
+                 *argument_objects) -> AppliedRecipe:
     """Set the recipe's values on the parsed arguments, except where a flag was given; the accumulation steps make
-    the total batch the reference's."""
+    the total batch the reference's. A name that is not one of `recipes` (those of `script`) is refused."""
+    check_recipe_name(name, recipes, script)
     settings, deviations = dict(recipes[name]), {}
     for key, value in settings.items():
         owner = next((args for args in argument_objects if key in {f.name for f in fields(args)}), None)
