@@ -53,6 +53,10 @@ def test_licence_override_and_base_model_from_a_transformers_folder(tmp_path):
     assert_ok(run_as_user([*CLI, "convert", "--from", "transformers", "--checkpoint", str(source), "--output_dir",
                            str(overridden), "--license", "mit"], tmp_path))
     assert card_of(overridden).data.license == "mit"
+    from_file = tmp_path / "from-file"  # a weights file is not a hub id: nothing to inherit, no base_model
+    assert_ok(run_as_user([*CLI, "convert", "--from", "transformers", "--checkpoint", str(source / "model.safetensors"),
+                           "--output_dir", str(from_file)], tmp_path))
+    assert card_of(from_file).data.base_model is None
     fcmae_ref = tmp_path / "fcmae.pt"
     export_checkpoint(perturbed(ConvNextV2ForMaskedImageModeling(tiny_config())), "reference", fcmae_ref)
     assert_ok(run_as_user([*CLI, "convert", "--from", "reference", "--checkpoint", str(fcmae_ref), "--output_dir",

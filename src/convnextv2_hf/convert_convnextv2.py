@@ -460,7 +460,8 @@ def conversion_card(model, checkpoint, source: str, has_head: bool, license: str
     """The card of a converted folder: where the weights came from, what they are, their licence."""
     from .training.reporting import CardInfo, inherited
 
-    recorded = inherited(str(checkpoint)) if source == "transformers" else {}
+    from_folder = source == "transformers" and os.path.isdir(checkpoint)  # a file is not a hub id to inherit from
+    recorded = inherited(str(checkpoint)) if from_folder else {}
     license = license or recorded.get("license") or WEIGHT_LICENSES.get(source, "unknown")
     kind = checkpoint_kind(model, has_head)
     return CardInfo(
