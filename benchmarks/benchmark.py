@@ -3,7 +3,7 @@
     python benchmarks/benchmark.py                         # CPU, 2 threads, writes benchmarks/results-cpu.md
     python benchmarks/benchmark.py --device cuda --bf16    # GPU with bf16 autocast
     python benchmarks/benchmark.py --sections recipe_cost --output benchmarks/results-cpu-recipe-cost.md
-    python benchmarks/benchmark.py --sections startup --output benchmarks/results-cpu-startup.md
+    python benchmarks/benchmark.py --sections data --output benchmarks/results-cpu-data.md    # see data_pipeline.py
 
 Every figure is the median over `--repeats` timed runs after `--warmup` runs. Each configuration runs in a fresh
 subprocess. Peak memory is measured in one more process per configuration, over one training step (the first, so
@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from data_pipeline import data_section  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -270,7 +273,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
-    parser.add_argument("--startup_sizes", nargs=2, type=int, default=[10_000, 40_000])
+    parser.add_argument("--data_sizes", nargs=2, type=int, default=[10_000, 100_000])
     parser.add_argument("--output", default=None, help="markdown file (default benchmarks/results-<device>.md)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -426,113 +429,6 @@ def inference_section(args, common: dict) -> list[str]:
     return lines + [""]
 
 
-TORCHVISION_STARTUP = """
-import sys, time, torch
-started = time.time()
-from torchvision import datasets, transforms
-root, steps = sys.argv[1], 1
-folder = datasets.ImageFolder(root, transforms.Compose([transforms.RandomResizedCrop(32), transforms.ToTensor()]))
-loader = torch.utils.data.DataLoader(folder, batch_size=64, shuffle=True)
-model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, 4), torch.nn.Flatten(), torch.nn.LazyLinear(100))
-images, labels = next(iter(loader))
-optimizer = torch.optim.AdamW(model.parameters())
-torch.nn.functional.cross_entropy(model(images), labels).backward()
-optimizer.step()
-print(time.time() - started)
-"""
-TINY_MODEL = "depths=[1,1,1,1],hidden_sizes=[8,16,24,32],patch_size=2,decoder_hidden_size=16"
-
-
-def synthetic_folder(root: Path, images: int, classes: int = 100) -> Path:
-    """`images` small JPEGs in `classes` class folders (start-up cost is per file, not per pixel)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    if (root / "done").exists():
-        return root
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
-    for index in range(images):
-        folder = root / f"class{index % classes:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{index}.jpg").write_bytes(buffer.getvalue())
-    (root / "done").write_text("")
-    return root
-
-
-def startup_seconds(command: list[str], env: dict | None = None) -> float:
-    """Wall time of `command` (a run to its first optimizer step, and for ours also the save after it)."""
-    started = time.time()
-    result = subprocess.run(command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
-    if result.returncode != 0:
-        raise RuntimeError(result.stderr.strip().splitlines()[-1])
-    return time.time() - started
-
-
-def startup_commands(root: Path, out: Path) -> dict[str, list[str]]:
-    common = ["--train_dir", str(root), "--config_overrides", TINY_MODEL, "--image_size", "32",
-              "--per_device_train_batch_size", "64"]
-    return {
-        "run_fcmae.py": [sys.executable, str(HERE.parent / "examples/pretraining/run_fcmae.py"), *common,
-                         "--output_dir", str(out / "pre"), "--max_train_steps", "1", "--overwrite_output_dir"],
-        "run_finetune.py": [sys.executable, str(HERE.parent / "examples/classification/run_finetune.py"), *common,
-                            "--output_dir", str(out / "fine"), "--max_steps", "1", "--overwrite_output_dir",
-                            "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
-                            "--max_eval_samples", "256"],  # the final evaluation runs after training
-        "torchvision ImageFolder": [os.environ.get("CONVNEXTV2_TEST_TORCHVISION_PYTHON", "python"), "-c",
-                                    TORCHVISION_STARTUP, str(root)],
-    }
-
-
-def forget_checks() -> None:
-    """Remove the markers of passed image checks (ours, in the datasets cache), so a run checks again."""
-    import shutil
-
-    from datasets import config
-
-    shutil.rmtree(Path(config.HF_DATASETS_CACHE, "convnextv2_hf", "checked"), ignore_errors=True)
-
-
-def startup_times(sizes: list[int], work: Path) -> dict[tuple[str, str, int], float]:
-    """(script, "first" or "again", size) -> seconds: a first run on this machine (page cache warm, image checks
-    not yet done) and a run again (a resume, another process of the launch), per folder size."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    times = {}
-    for size in sizes:
-        root = synthetic_folder(work / f"images-{size}", size)
-        for name, command in startup_commands(root, work / f"out-{size}").items():
-            startup_seconds(command, env)  # warm the page cache and the interpreters' imports
-            forget_checks()
-            times[name, "first", size] = startup_seconds(command, env)
-            times[name, "again", size] = startup_seconds(command, env)
-    return times
-
-
-def startup_section(args, common: dict) -> list[str]:
-    """Launch to first optimizer step at two folder sizes; the slope per 100,000 images, extrapolated."""
-    import tempfile
-
-    sizes = args.startup_sizes
-    times = startup_times(sizes, Path(tempfile.mkdtemp(prefix="startup-")))
-    lines = [f"## Start-up: launch to the first optimizer step ({sizes[0]:,} and {sizes[1]:,} images, warm cache)", "",
-             "Ours include a tiny model's save after the step (and for fine-tuning a final evaluation of 256 held-out "
-             "images, `--max_eval_samples 256`); torchvision `ImageFolder` + `DataLoader` + one step of "
-             "a tiny model is what the reference's data path costs (run in the torchvision environment). `first`: "
-             "the image checks run; `again`: they passed before on this machine (a resume, another process).", "",
-             "| script | run | " + " | ".join(f"{size:,} images (s)" for size in sizes) +
-             " | s per 100,000 images | 1.28 M images (s) | 14 M images (s) |", "|---" * 7 + "|"]
-    for name, run in [(name, run) for name in startup_commands(Path(), Path()) for run in ("first", "again")]:
-        if name.startswith("torchvision") and run == "again":
-            continue
-        slope = (times[name, run, sizes[1]] - times[name, run, sizes[0]]) / (sizes[1] - sizes[0])
-        at = lambda n: times[name, run, sizes[0]] + slope * (n - sizes[0])  # noqa: E731
-        lines.append(f"| {name} | {run} | " + " | ".join(fmt(times[name, run, size], 1) for size in sizes) +
-                     f" | {fmt(slope * 1e5, 1)} | {fmt(at(1_281_167), 0)} | {fmt(at(14_197_122), 0)} |")
-    return lines + [""]
-
-
 IMAGENET_1K_IMAGES = 1_281_167
 RECIPE_BATCH = {"atto": 8, "femto": 8, "pico": 8, "nano": 8, "tiny": 8, "base": 4, "large": 2, "huge": 2}
 
@@ -566,7 +462,7 @@ def recipe_cost_section(args, common: dict) -> list[str]:
 
 SECTIONS = {"train": train_section, "sweep": sweep_section, "checkpointing": checkpointing_section,
             "mixmae": mixmae_section, "inference": inference_section, "recipe_cost": recipe_cost_section,
-            "startup": startup_section}
+            "data": data_section}
 
 
 def main() -> None:

@@ -104,13 +104,33 @@ def run_plain_python(code: str, tmp_path, timeout: int = 300, python: str = sys.
     return result.stdout
 
 
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
+          "--dynamo_backend", "no"]
+
+
 def launch_two_processes(script, args, timeout: int = 300) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes 2` of a script: CPU data parallelism over gloo."""
-    result = run_as_user(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *args], timeout=timeout)
+    result = run_as_user([*LAUNCH, "--num_processes", "2", "--num_machines", "1", str(script), *args], timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def launch_as_two_machines(script, args, timeout: int = 300) -> list[str]:
+    """Two `accelerate launch --num_machines 2 --machine_rank R` commands on this host, one process each, meeting at
+    127.0.0.1 as two machines of a cluster would at their main machine; returns each one's stdout."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    machines = [subprocess.Popen(
+        [*LAUNCH, "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip",
+         "127.0.0.1", "--main_process_port", port, str(script), *args], env=user_env(), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for rank in (0, 1)]
+    outputs = [machine.communicate(timeout=timeout) for machine in machines]
+    for machine, (_, stderr) in zip(machines, outputs):
+        assert machine.returncode == 0, stderr[-3000:]
+    return [stdout for stdout, _ in outputs]
 
 
 def make_image_folder(root, classes=("cats", "dogs"), per_class=6, size_range=(40, 90), corrupt=True, seed=0):

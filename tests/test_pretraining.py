@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_OVERRIDES as TINY, launch_two_processes, make_image_folder
+from conftest import TINY_OVERRIDES as TINY, launch_as_two_machines, launch_two_processes, make_image_folder
 from convnextv2_hf.training.arguments import parse_config_overrides
 from convnextv2_hf.training.checkpoints import find_checkpoint
 from convnextv2_hf.training.pretrain import main as pretrain
@@ -80,6 +80,22 @@ def test_two_processes_with_half_batch_match_one_process(images, tmp_path):
         assert a == pytest.approx(b, rel=1e-4)
 
 
+@pytest.mark.slow
+def test_two_machines_over_gloo_match_one_process_and_resume(images, tmp_path):
+    """Two machines of one process each (`--num_machines 2 --machine_rank R`, here on one host), batch 2 each: the
+    losses of one process at batch 4; their checkpoint resumes on the same two machines."""
+    pretrain(tiny_args(images, tmp_path / "one", "--max_train_steps", "3", "--skip_corrupt_images"))
+    two = tmp_path / "two"
+    args = tiny_args(images, two, "--max_train_steps", "3", "--skip_corrupt_images", "--checkpointing_steps", "2")
+    args[args.index("--per_device_train_batch_size") + 1] = "2"
+    assert "total batch 4" in launch_as_two_machines(SCRIPT, args)[0]
+    for (_, a), (_, b) in zip(history(tmp_path / "one"), history(two), strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+    args[args.index("--max_train_steps") + 1] = "4"
+    launch_as_two_machines(SCRIPT, [*args, "--resume_from_checkpoint", "latest"])
+    assert [step for step, _ in history(two)] == [1, 2, 3, 4]
+
+
 def test_kill_minus_nine_leaves_loadable_checkpoints(images, tmp_path):
     out = tmp_path / "killed"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -104,8 +120,9 @@ def test_kill_minus_nine_leaves_loadable_checkpoints(images, tmp_path):
 def test_errors_before_training(images, tmp_path, monkeypatch):
     empty = tmp_path / "empty" / "only"
     empty.mkdir(parents=True)
-    (empty / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="empty"):
+    for index in range(4):
+        (empty / f"bad{index}.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="None of the 4 training images can be read"):
         pretrain(tiny_args(empty.parent, tmp_path / "o1", "--max_train_steps", "1", "--skip_corrupt_images"))
     with pytest.raises(ValueError, match="--image_column_name 'photo' not found"):
         pretrain(tiny_args(images, tmp_path / "o2", "--max_train_steps", "1", "--image_column_name", "photo"))

@@ -12,7 +12,7 @@ from transformers import TrainingArguments
 from conftest import REPO, make_image_folder, run_as_user
 
 from convnextv2_hf import ConvNextV2Config, ConvNextV2ForMaskedImageModeling, ConvNextV2ImageProcessor
-from convnextv2_hf.training.arguments import REFERENCE_TRAINER_DEFAULTS
+from convnextv2_hf.training.arguments import REFERENCE_TRAINER_DEFAULTS, default_num_workers
 from convnextv2_hf.training.fcmae_engine import TrainingPlan
 from convnextv2_hf.training.finetune import parse_args as finetune_args
 from convnextv2_hf.training.models import fcmae_overrides
@@ -26,6 +26,13 @@ from convnextv2_hf.training.recipes import (
     apply_recipe,
     check_recipe_name,
 )
+
+
+def reference_workers() -> int:
+    """main_pretrain.py / main_finetune.py: --num_workers 10; ours caps it at the cores a process has."""
+    import os
+
+    return min(10, len(os.sched_getaffinity(0)))
 
 
 def pretraining_rows():
@@ -55,6 +62,8 @@ def pretraining_rows():
         ("normalisation std", (0.229, 0.224, 0.225), tuple(processor.image_std)),
         ("seed", 0, args.seed),
         ("checkpoints kept (--save_ckpt_num)", 3, args.checkpoints_total_limit),
+        ("data loader workers (--num_workers), capped at this machine's cores", reference_workers(),
+         default_num_workers() if args.dataloader_num_workers is None else args.dataloader_num_workers),
     ]
 
 
@@ -89,6 +98,9 @@ def finetuning_rows():
         ("RandomResizedCrop scale (timm default)", (0.08, 1.0), (recipe.crop_min_scale, 1.0)),
         ("seed", 0, training.seed),
         ("checkpoints kept (--save_ckpt_num)", 3, training.save_total_limit),
+        ("data loader workers (--num_workers), capped at this machine's cores", reference_workers(),
+         training.dataloader_num_workers),
+        ("pinned memory (--pin_mem)", True, training.dataloader_pin_memory),
     ]
 
 

@@ -19,8 +19,10 @@ EXPECTED_ERRORS = (ValueError, OSError, KeyError, RuntimeError, ImportError)
 
 
 def one_line(error: BaseException) -> str:
-    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-    return " ".join(str(text).split()) or type(error).__name__
+    text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+    if "\nOriginal Traceback (most recent call last):" in text:  # re-raised from a data-loader worker: its message
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split()) or type(error).__name__
 
 
 def run_entry_point(main: Callable[[list[str]], object], argv: list[str] | None = None,
@@ -114,6 +116,15 @@ def export(args: argparse.Namespace) -> None:
           "or timm are CC-BY-NC 4.0")
 
 
+def write_shards(args: argparse.Namespace) -> None:
+    """Write an image folder as webdataset (.tar) or parquet shards, for --train_files on many machines."""
+    from .training.shards import write_shards as write
+
+    written = write(args.train_dir, args.output_dir, args.format, args.images_per_shard, args.num_proc)
+    print(f"wrote {len(written)} {args.format} shard(s) to {args.output_dir}; pre-train on them with "
+          f"--train_files '{Path(args.output_dir) / ('*.tar' if args.format == 'webdataset' else '*.parquet')}'")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convnextv2-hf", description=__doc__.splitlines()[0],
                                      epilog=f"--debug (or {DEBUG_ENV}=1) shows full tracebacks.")
@@ -137,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--model_name_or_path", required=True)
     exp.add_argument("--output", required=True, help="file to write (.pth for reference, .safetensors for timm)")
     exp.set_defaults(func=export)
+    shard = commands.add_parser("write-shards", help=write_shards.__doc__)
+    shard.add_argument("--train_dir", required=True, help="an image folder (class sub-folders become labels)")
+    shard.add_argument("--output_dir", required=True, help="a new or empty folder")
+    shard.add_argument("--format", default="webdataset", choices=["webdataset", "parquet"])
+    shard.add_argument("--images_per_shard", type=int, default=1000)
+    shard.add_argument("--num_proc", type=int, help="processes writing shards (default: the cores, at most 8)")
+    shard.set_defaults(func=write_shards)
     commands.add_parser("demo", help="pre-train, fine-tune and report on a real data set, offline", add_help=False)
     return parser
 

@@ -62,6 +62,8 @@ class DataArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset (needs network or the local cache)"})
     dataset_config_name: str | None = None
     train_dir: str | None = field(default=None, metadata={"help": "folder of images (class sub-folders for labels)"})
+    train_files: list[str] | None = field(default=None, metadata={
+        "help": "webdataset .tar or .parquet shards (paths or globs), streamed and shared out between processes"})
     validation_dir: str | None = field(default=None, metadata={"help": "held-out images, same layout as --train_dir"})
     image_column_name: str | None = field(default=None, metadata={"help": "default: the first of image, img, ..."})
     max_train_samples: int | None = None
@@ -112,7 +114,9 @@ class PretrainingArguments:
     with_tracking: bool = field(default=False, metadata={"help": "log to --report_to"})
     report_to: str = "tensorboard"
     logging_steps: int = 10
-    dataloader_num_workers: int = 0
+    dataloader_num_workers: int | None = field(default=None, metadata={
+        "help": "data-loading processes per training process (default: the reference's 10, capped at the cores "
+                "each training process of this machine has)"})
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_token: str | None = None
@@ -189,6 +193,18 @@ class FinetuningArguments:
 
 # The reference `main_finetune.py` defaults, where transformers' `TrainingArguments` has others of its own.
 # `learning_rate` stays unset so that `base_learning_rate` scales with the batch, as in the reference.
+REFERENCE_NUM_WORKERS = 10  # main_pretrain.py / main_finetune.py --num_workers
+
+
+def default_num_workers() -> int:
+    """The reference's 10 data-loading workers, capped at the cores each training process of this machine has (the
+    cores this process may use, shared by the launch's processes on this machine)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(REFERENCE_NUM_WORKERS, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 REFERENCE_TRAINER_DEFAULTS = dict(
     per_device_train_batch_size=64, num_train_epochs=100, learning_rate=None, weight_decay=0.05,
     lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": 1e-6}, label_smoothing_factor=0.1,

@@ -13,7 +13,7 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset as TorchDataset
 
-from ..image_processing_convnextv2 import to_rgb
+from .data import load_image, oriented_size
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -58,9 +58,15 @@ class PretrainTransform:
         return self.normalize(self.crop_and_flip(image, generator))
 
     def crop_and_flip(self, image: PIL.Image.Image, generator: torch.Generator) -> PIL.Image.Image:
-        image = to_rgb(image)
-        left, top, w, h = random_resized_crop_box(image.width, image.height, generator, self.scale)
-        image = image.resize((self.size, self.size), PIL.Image.BICUBIC, box=(left, top, left + w, top + h))
+        """The crop box is drawn on the upright image's full size; an image not yet decoded (opened by
+        `open_image_header`) is then decoded only as large as the box needs (a JPEG at 1/2-1/8 scale when the box
+        is 2-8 times the output) and the same box, scaled, is cut from it."""
+        width, height = oriented_size(image)
+        left, top, w, h = random_resized_crop_box(width, height, generator, self.scale)
+        image = load_image(image, reduce=min(w, h) / self.size)  # no-op decoding for a decoded image
+        sx, sy = image.width / width, image.height / height
+        image = image.resize((self.size, self.size), PIL.Image.BICUBIC,
+                             box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
         if self.hflip and torch.rand(1, generator=generator).item() < 0.5:
             image = image.transpose(PIL.Image.FLIP_LEFT_RIGHT)
         return image
@@ -107,11 +113,12 @@ def denormalize(pixel_values: torch.Tensor, mean, std) -> torch.Tensor:
 
 class SeededAugmentedDataset(TorchDataset):
     """Labelled images for fine-tuning, each augmented with randomness seeded from (seed, epoch, index), so a resumed
-    run sees the same crops and flips as an uninterrupted one. `set_epoch` is called as each epoch starts."""
+    run sees the same crops and flips as an uninterrupted one. `set_epoch` is called as each epoch starts. Images
+    that cannot be decoded are handled by `unreadable` (an [`UnreadableImages`]); a stand-in brings its label."""
 
-    def __init__(self, dataset, image_column: str, label_column: str, transform, seed: int, decode):
+    def __init__(self, dataset, image_column: str, label_column: str, transform, seed: int, unreadable):
         self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
-        self.transform, self.seed, self.decode, self.epoch = transform, seed, decode, 0
+        self.transform, self.seed, self.unreadable, self.epoch = transform, seed, unreadable, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -120,7 +127,7 @@ class SeededAugmentedDataset(TorchDataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        row = self.dataset[index]
         generator = sample_generator(self.seed, self.epoch, index)
-        return {"pixel_values": self.transform(self.decode(row[self.image_column]), generator),
-                "labels": row[self.label_column], "sample_index": index, "epoch": self.epoch}
+        row, pixels = self.unreadable.row_and_image(self.dataset, index, self.image_column,
+                                                    use=lambda image: self.transform(image, generator))
+        return {"pixel_values": pixels, "labels": row[self.label_column], "sample_index": index, "epoch": self.epoch}

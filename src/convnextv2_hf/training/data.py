@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from ..image_processing_convnextv2 import check_aspect_ratio, to_rgb
 
 logger = logging.getLogger(__name__)
 
-IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "picture")
+# The last four: webdataset shards name their columns by file extension.
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "picture", "jpg", "jpeg", "png", "webp")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class")
 METADATA_FILENAMES = tuple(FolderBasedBuilder.METADATA_FILENAMES)
 
@@ -41,23 +43,35 @@ class UnreadableImageError(ValueError):
 
 @dataclass
 class FolderScan:
-    """What a local image folder holds: image files, class names (first-level folders), ignored files."""
+    """What a local image folder holds, folder by folder: image file names (sorted) under each folder's path parts
+    below `root` (the first part is the class), ignored files, metadata files. Kept as names per folder, not an
+    object per file: a million `Path`s take seconds to build and sort and hundreds of MB to hold."""
 
     root: Path
-    images: list[Path] = field(default_factory=list)
-    ignored: list[Path] = field(default_factory=list)
-    metadata: list[Path] = field(default_factory=list)
+    folders: list[tuple[tuple[str, ...], list[str]]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    metadata: list[str] = field(default_factory=list)
     broken: int = 0  # links to nothing, counted among `ignored`
 
-    @functools.cached_property
-    def parts(self) -> list[tuple[str, ...]]:
-        """Each image's path parts below `root` (computed once: a million `relative_to` calls take seconds)."""
-        prefix = len(self.root.parts)
-        return [path.parts[prefix:] for path in self.images]
+    def __len__(self) -> int:
+        return sum(len(names) for _, names in self.folders)
 
     @functools.cached_property
     def classes(self) -> list[str]:
-        return sorted({parts[0] for parts in self.parts if len(parts) > 1})
+        return sorted({parts[0] for parts, _ in self.folders if parts})
+
+    def paths(self) -> list[str]:
+        """Every image's path, in folder order then name order (as sorting the full paths part by part would)."""
+        found = []
+        for parts, names in self.folders:
+            prefix = os.path.join(self.root, *parts, "")
+            found.extend(prefix + name for name in names)
+        return found
+
+    def example(self, depth_test) -> str:
+        """The first image whose folder depth passes `depth_test`, relative to `root` (for error messages)."""
+        parts, names = next((parts, names) for parts, names in self.folders if depth_test(len(parts)))
+        return os.path.join(*parts, names[0])
 
 
 def scan_folder(root: str | os.PathLike, flag: str, ignore_metadata: bool = False) -> FolderScan:
@@ -67,21 +81,26 @@ def scan_folder(root: str | os.PathLike, flag: str, ignore_metadata: bool = Fals
     scan = FolderScan(Path(root))
     if not scan.root.is_dir():
         raise FileNotFoundError(f"{flag} {str(root)!r} is not a directory.")
-    for path in walk_files(scan.root):
-        if not path.exists():
-            scan.ignored.append(path)
-            scan.broken += 1
-        elif path.name in METADATA_FILENAMES:
-            scan.metadata.append(path)
-        elif path.suffix.lower() in IMAGE_EXTENSIONS:
-            scan.images.append(path)
-        else:
-            scan.ignored.append(path)
+    for parts, files, links in walk_folders(scan.root):
+        images = []
+        for name in files:
+            path = os.path.join(scan.root, *parts, name)
+            if name in links and not os.path.exists(path):
+                scan.ignored.append(path)
+                scan.broken += 1
+            elif name in METADATA_FILENAMES:
+                scan.metadata.append(path)
+            elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                images.append(name)
+            else:
+                scan.ignored.append(path)
+        if images:
+            scan.folders.append((parts, images))
     if scan.metadata and not ignore_metadata:
         raise ValueError(f"{flag} holds {scan.metadata[0]}, which would restrict the data set to the files it lists; "
                          "remove it, or pass --ignore_metadata to read the folder as plain images.")
-    if not scan.images:
-        others = f" ({len(scan.ignored)} other files, e.g. {scan.ignored[0].name})" if scan.ignored else ""
+    if not scan.folders:
+        others = f" ({len(scan.ignored)} other files, e.g. {Path(scan.ignored[0]).name})" if scan.ignored else ""
         raise ValueError(f"{flag} {str(root)!r} holds no image files{others}; supported: .png, .jpg, .jpeg, .webp, ...")
     if scan.ignored:
         logger.warning("%s: ignoring %d non-image file(s) (%d broken link(s)), e.g. %s", flag, len(scan.ignored),
@@ -89,31 +108,41 @@ def scan_folder(root: str | os.PathLike, flag: str, ignore_metadata: bool = Fals
     return scan
 
 
-def walk_files(root: Path) -> list[Path]:
-    """Files (and broken links) under `root`, sorted, through linked folders too (each real folder once, so a
-    link loop ends); hidden names inside `root` are skipped."""
-    found, seen = [], set()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
+def walk_folders(root: Path):
+    """Yields `(folder parts below root, sorted file names, names that are links)` for every folder under `root`,
+    sorted by parts, through linked folders too (each real folder once, so a link loop ends); hidden names inside
+    `root` are skipped. One `scandir` per folder: no per-file system call except for links."""
+    found, seen, pending = [], set(), [()]
+    while pending:
+        parts = pending.pop()
+        folder = os.path.join(root, *parts)
         real = os.path.realpath(folder)
         if real in seen:
-            subfolders[:] = []
             continue
         seen.add(real)
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        found.extend(Path(folder, name) for name in files if not name.startswith("."))
-    return sorted(found)
+        files, links = [], set()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    pending.append((*parts, entry.name))
+                else:
+                    files.append(entry.name)
+                    if entry.is_symlink():
+                        links.add(entry.name)
+        found.append((parts, sorted(files), links))
+    return sorted(found, key=lambda item: item[0])
 
 
 def check_class_layout(scan: FolderScan, flag: str) -> list[str]:
     """Labelled folders hold one sub-folder per class with the images directly inside; returns the class names."""
-    depths = {len(parts) for parts in scan.parts}
-    if 1 in depths:
-        loose = next(p for p, parts in zip(scan.images, scan.parts) if len(parts) == 1)
-        raise ValueError(f"{flag} has images directly inside it (e.g. {loose.name}); labels come from class "
-                         "sub-folders: move every image into <folder>/<class name>/.")
-    if depths != {2}:
-        deep = next(p for p, parts in zip(scan.images, scan.parts) if len(parts) > 2)
-        raise ValueError(f"{flag} has images nested below the class folders (e.g. {deep.relative_to(scan.root)}); "
+    depths = {len(parts) for parts, _ in scan.folders}
+    if 0 in depths:
+        raise ValueError(f"{flag} has images directly inside it (e.g. {scan.example(lambda d: d == 0)}); labels come "
+                         "from class sub-folders: move every image into <folder>/<class name>/.")
+    if depths != {1}:
+        raise ValueError(f"{flag} has images nested below the class folders (e.g. {scan.example(lambda d: d > 1)}); "
                          "put each image directly inside its class folder.")
     if len(scan.classes) < 2:
         raise ValueError(f"{flag} has only one class folder ({scan.classes}); classification needs at least two.")
@@ -135,10 +164,15 @@ def load_image_dataset(args, labelled: bool = False, streaming: bool = False, to
 
     Returns `(dataset, ignored)`: the `DatasetDict` and the number of non-image files skipped in local folders.
     """
-    if args.dataset_name is None and args.train_dir is None:
-        raise ValueError("Pass --dataset_name (a Hub dataset) or --train_dir (a folder of images).")
+    from .shards import load_shards, sharded_source
+
+    if args.dataset_name is None and args.train_dir is None and not getattr(args, "train_files", None):
+        raise ValueError("Pass --dataset_name (a Hub dataset), --train_dir (a folder of images or of shards) or "
+                         "--train_files (webdataset or parquet shards).")
     if args.dataset_name is not None:
         return load_hub_dataset(args, streaming, token), 0
+    if (source := sharded_source(args)) is not None:
+        return load_shards(*source), 0
     scans = {"train": scan_folder(args.train_dir, "--train_dir", args.ignore_metadata)}
     if args.validation_dir is not None:
         scans["validation"] = scan_folder(args.validation_dir, "--validation_dir", args.ignore_metadata)
@@ -150,24 +184,31 @@ def load_image_dataset(args, labelled: bool = False, streaming: bool = False, to
     splits = {split: folder_dataset(scan, labelled) for split, scan in scans.items()}
     ignored = sum(len(scan.ignored) for scan in scans.values())
     if streaming:
-        return IterableDatasetDict({k: v.to_iterable_dataset() for k, v in splits.items()}), ignored
+        # in shards, so that processes and data-loader workers each read their own part
+        return IterableDatasetDict({k: v.to_iterable_dataset(num_shards=min(len(v), STREAMED_FOLDER_SHARDS))
+                                    for k, v in splits.items()}), ignored
     return DatasetDict(splits), ignored
+
+
+STREAMED_FOLDER_SHARDS = 1024
 
 
 def folder_dataset(scan: FolderScan, labelled: bool) -> Dataset:
     """A scanned folder as the `Dataset` `load_dataset("imagefolder")` would give (an undecoded `image` column;
     with `labelled`, a `label` from the first-level folder names, sorted), built directly in Arrow: the image
     folder builder resolves and prepares every file one by one, which grows to minutes at ImageNet scale."""
+    import numpy as np
     import pyarrow as pa
     from datasets import ClassLabel, DatasetInfo, Features
     from datasets.table import InMemoryTable
 
-    paths = pa.array([str(path) for path in scan.images], pa.string())
+    paths = pa.array(scan.paths(), pa.string())
     columns = {"image": pa.StructArray.from_arrays([pa.nulls(len(paths), pa.binary()), paths], names=["bytes", "path"])}
     features = {"image": Image(decode=False)}
     if labelled:
         index = {name: i for i, name in enumerate(scan.classes)}
-        columns["label"] = pa.array([index[parts[0]] for parts in scan.parts], pa.int64())
+        labels = np.repeat([index[parts[0]] for parts, _ in scan.folders], [len(names) for _, names in scan.folders])
+        columns["label"] = pa.array(labels.astype(np.int64))
         features["label"] = ClassLabel(names=scan.classes)
     return Dataset(InMemoryTable(pa.table(columns)), info=DatasetInfo(features=Features(features)))
 
@@ -177,10 +218,12 @@ SPLIT_FOLDER_NAMES = {"train", "training", "val", "valid", "validation", "test",
 
 
 def dataset_label(args) -> str:
-    """How cards name the data: the hub id, or the image folder's name (its parent's for a split folder)."""
+    """How cards name the data: the hub id, or the image (or shard) folder's name (its parent's for a split
+    folder)."""
     if args.dataset_name:
         return args.dataset_name
-    folder = Path(os.path.abspath(args.train_dir))
+    files = getattr(args, "train_files", None)
+    folder = Path(os.path.abspath(args.train_dir if args.train_dir else os.path.dirname(files[0]) or "."))
     return folder.parent.name if folder.name.lower() in SPLIT_FOLDER_NAMES and folder.parent.name else folder.name
 
 
@@ -238,7 +281,10 @@ MAX_IMAGE_PIXELS = 178_956_970
 
 def open_image_header(record: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.Image:
     """Open one undecoded image cell (`{'path', 'bytes'}`) lazily, reading only its header; files that are not
-    images, or exceed the decompression guard, raise [`UnreadableImageError`] naming their path."""
+    images, or exceed the decompression guard, raise [`UnreadableImageError`] naming their path (kept as the
+    image's `source` for errors met when it is decoded)."""
+    if isinstance(record, PIL.Image.Image):
+        return record
     path = record.get("path") if isinstance(record, dict) else None
     try:
         if isinstance(record, dict) and record.get("bytes") is not None:
@@ -254,20 +300,36 @@ def open_image_header(record: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Im
         raise UnreadableImageError(
             f"Image {path or '<in-memory bytes>'} is {image.width}x{image.height} px, more than the decompression "
             f"guard allows ({max_pixels} px); shrink it, or raise --max_image_pixels if it is genuine.")
+    image.source = path
     return image
 
 
 def decode_image(record: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.Image:
     """Decode one image cell (a PIL image, or `{'path', 'bytes'}`) to RGB, turned upright by its EXIF orientation
     as transformers' `load_image` (and so its pipeline) does. Unreadable or oversized files name their path."""
-    if isinstance(record, PIL.Image.Image):
-        return to_rgb(PIL.ImageOps.exif_transpose(record))
-    image = open_image_header(record, max_pixels)
+    return load_image(open_image_header(record, max_pixels))
+
+
+def load_image(image: PIL.Image.Image, reduce: float = 1.0) -> PIL.Image.Image:
+    """Decode an image opened by [`open_image_header`] to upright RGB. With `reduce` >= 2, a JPEG may be decoded
+    at 1/2, 1/4 or 1/8 scale (PIL's `draft`: the DCT does the shrinking, several times faster), never below
+    1/`reduce` of its size; callers map their crop boxes by the size they get. Decoding errors name the file."""
     try:
+        if reduce >= 2 and image.format == "JPEG":
+            image.draft(None, (math.ceil(image.width / reduce), math.ceil(image.height / reduce)))
         image.load()
         return to_rgb(PIL.ImageOps.exif_transpose(image))
     except Exception as error:
-        raise unreadable(record.get("path"), error) from None
+        raise unreadable(getattr(image, "source", None), error) from None
+
+
+def oriented_size(image: PIL.Image.Image) -> tuple[int, int]:
+    """(width, height) of the image once turned upright by its EXIF orientation, read without decoding it."""
+    transposed = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    return (image.height, image.width) if transposed else (image.width, image.height)
+
+
+EXIF_ORIENTATION = 0x0112
 
 
 def decode_for_processor(record: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.Image:
@@ -286,6 +348,42 @@ def decode_for_processor(record: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL
 def unreadable(path: str | None, error: Exception) -> UnreadableImageError:
     return UnreadableImageError(
         f"Cannot read image {path or '<in-memory bytes>'}: {error}. Remove the file or pass --skip_corrupt_images.")
+
+
+class UnreadableImages:
+    """What training does with an image it cannot decode. With `skip`, the next readable image of the data set
+    stands in for it (batches keep their shape, the sample its seeded augmentation) and the file is flagged, once,
+    in memory shared with the data-loader workers (one byte per image); without, the error names the file and the
+    fix. No pass over the data before training: a bad file costs only when it is met."""
+
+    def __init__(self, size: int, skip: bool, max_pixels: int = MAX_IMAGE_PIXELS):
+        import torch
+
+        self.skip, self.max_pixels = skip, max_pixels
+        self.flags = torch.zeros(size, dtype=torch.uint8).share_memory_() if skip and size else None
+
+    def row_and_image(self, dataset, index: int, image_column: str, use=load_image) -> tuple[dict, Any]:
+        """`dataset[index]` and `use(image)` of its image opened lazily (header read; `use` decodes it, by default
+        fully), or (with `skip`) those of the next readable row."""
+        for offset in range(len(dataset)):
+            current = (index + offset) % len(dataset)
+            row = dataset[current]
+            try:
+                return row, use(open_image_header(row[image_column], self.max_pixels))
+            except UnreadableImageError as error:
+                if not self.skip:
+                    raise
+                if not self.flags[current]:
+                    self.flags[current] = 1
+                    logger.warning("Skipping: %s", error)
+        raise UnreadableImageError(f"None of the {len(dataset)} training images can be read.")
+
+    def count(self, accelerator=None) -> int | None:
+        """Unreadable images met so far (over all processes, with an `accelerator`); None without `skip` or a size."""
+        if self.flags is None:
+            return None
+        flags = self.flags if accelerator is None else accelerator.reduce(self.flags.to(accelerator.device).int(), "sum")
+        return int((flags > 0).sum())
 
 
 def drop_unreadable(dataset: Dataset | IterableDataset, image_column: str, max_pixels: int = MAX_IMAGE_PIXELS,
@@ -309,13 +407,14 @@ def drop_unreadable(dataset: Dataset | IterableDataset, image_column: str, max_p
     return kept, len(dataset) - len(kept)
 
 
-def check_headers(dataset: Dataset, image_column: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
-    """Open every image's header (no pixels are decoded), so that files that are not images at all, or far too
-    large, are named before training rather than hours into it. Once per machine: see [`checked_once`]."""
-    with checked_once(dataset, image_column, f"headers-{max_pixels}") as needed:
-        if needed:
-            check_in_threads(dataset, image_column, lambda record: open_image_header(record, max_pixels).close(),
-                             "Checking image headers")
+def checked_evaluation_split(split: Dataset, image_column: str, data_args) -> tuple[Dataset, int]:
+    """The evaluation images, all decoded once before training (in parallel, once per machine) so that a file the
+    image processor cannot take fails now, not after hours of training; with `--skip_corrupt_images` such files are
+    dropped instead. Returns the split and the number dropped."""
+    if data_args.skip_corrupt_images:
+        return drop_unreadable(split, image_column, data_args.max_image_pixels, processed=True)
+    check_readable(split, image_column, data_args.max_image_pixels)
+    return split, 0
 
 
 def check_readable(dataset: Dataset, image_column: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:

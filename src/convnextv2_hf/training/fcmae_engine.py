@@ -89,9 +89,11 @@ class TrainingState:
     completed_steps: int = 0
     history: list[list[float]] = field(default_factory=list)  # [step, mean training loss]
     validation: list[list[float]] = field(default_factory=list)  # [step, validation loss]
+    stream: list[list[int]] | None = None  # streaming: per process, [epoch, last row used from each worker]
 
     def to_dict(self) -> dict:
-        return {"completed_steps": self.completed_steps, "history": self.history, "validation": self.validation}
+        saved = {"completed_steps": self.completed_steps, "history": self.history, "validation": self.validation}
+        return saved | ({"stream": self.stream} if self.stream is not None else {})
 
 
 @dataclass
@@ -113,16 +115,30 @@ class FCMAERun:
 
 def epoch_batches(run: FCMAERun, epoch: int, skip: int):
     """The loader for `epoch`, with its first `skip` batches left out when resuming in the middle of it."""
-    if run.sampler is None:
+    if run.sampler is None:  # streaming: each process reads its own part; the loader is not Accelerate's
         run.train_dataset.set_epoch(epoch)
-    else:
-        run.sampler.set_epoch(epoch)
+        return streamed_batches(run)
+    run.sampler.set_epoch(epoch)
     run.train_loader.set_epoch(epoch)  # the prepared loader would otherwise count epochs from 0 after a resume
     if not skip:
         return run.train_loader
     batches = run.accelerator.skip_first_batches(run.train_loader, skip)
     batches.set_epoch(epoch)
     return batches
+
+
+def streamed_batches(run: FCMAERun):
+    """This process's streamed batches on its device, each batch's rows noted as used (for an exact resume)."""
+    device = run.accelerator.device
+    for batch in run.train_loader:
+        run.train_dataset.record(batch.pop("stream_position"))
+        yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def stream_progress(run: FCMAERun) -> list[list[int]]:
+    """Every process's [epoch, last row used from each of its workers], gathered for a checkpoint."""
+    mine = torch.tensor([run.train_dataset.progress(run.train_loader.num_workers)], device=run.accelerator.device)
+    return run.accelerator.gather(mine).tolist()
 
 
 def train_one_epoch(run: FCMAERun, epoch: int, state: TrainingState, skip: int = 0) -> None:
@@ -177,6 +193,8 @@ def save_checkpoint(run: FCMAERun, state: TrainingState) -> str:
     accelerator, output_dir = run.accelerator, run.args.output_dir
     final = Path(output_dir, f"checkpoint-{state.completed_steps}")
     staged = final.with_name(f"{STAGING_PREFIX}{final.name}")
+    if run.sampler is None:
+        state.stream = stream_progress(run)
     if accelerator.is_main_process:
         staging_folder(output_dir, final.name)
     accelerator.wait_for_everyone()
@@ -197,14 +215,28 @@ def resume(run: FCMAERun, requested: str) -> TrainingState:
     check_same_model(path, run.accelerator.unwrap_model(run.model))
     run.accelerator.load_state(path)
     saved = read_training_state(path)
-    state = TrainingState(saved["completed_steps"], saved["history"], saved.get("validation", []))
+    state = TrainingState(saved["completed_steps"], saved["history"], saved.get("validation", []), saved.get("stream"))
+    if run.sampler is None:
+        resume_stream(run, state)
     run.accelerator.print(f"Resumed from {path} at step {state.completed_steps} (checkpoint-{checkpoint_step(path)})")
     return state
+
+
+def resume_stream(run: FCMAERun, state: TrainingState) -> None:
+    """A streamed run continues at the row after the last one its checkpoint had used, per process and worker."""
+    processes = run.accelerator.num_processes
+    if state.stream is None or len(state.stream) != processes:
+        saved = "without stream positions" if state.stream is None else f"by {len(state.stream)} process(es)"
+        raise ValueError(f"The checkpoint was written {saved}; resume a streamed run with the same data and number of "
+                         f"processes it was saved with (now {processes}).")
+    run.train_dataset.resume_at(state.stream[run.accelerator.process_index], run.train_loader.num_workers)
 
 
 def train(run: FCMAERun, state: TrainingState) -> TrainingState:
     """Epochs until the plan's last step; validation loss after each epoch when there is a validation split."""
     start_epoch, skip = run.plan.resume_position(state.completed_steps, run.args.gradient_accumulation_steps)
+    if run.sampler is None:  # streaming: the epoch this process's stream was in
+        start_epoch = run.train_dataset.epoch
     if missed_validation(run, state, skip):  # killed between the epoch's last checkpoint and its validation
         validate(run, state, start_epoch if skip == 0 else start_epoch + 1)
     for epoch in range(start_epoch, run.plan.num_epochs):

@@ -24,7 +24,7 @@ from ..hub import ensure_hub_available, push_folder_to_hub
 from ..metrics import metric_path
 from . import data as data_utils
 from .arguments import (REFERENCE_TRAINER_DEFAULTS, DataArguments, FinetuningArguments, ModelArguments,
-                        check_trainer_arguments, parse_marking_given)
+                        check_trainer_arguments, default_num_workers, parse_marking_given)
 from .augmentation import FinetuneTransform, SeededAugmentedDataset
 from .checkpoints import (TRAINER_MARKER, check_same_model, find_checkpoint, save_folder_atomically,
                           save_model_and_processor)
@@ -34,6 +34,7 @@ from .optim import create_optimizer
 from .recipes import FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, apply_recipe, card_lines
 from .output_dir import check_output_dir, checkpoint_bytes, claim_output_dir
 from .reporting import CardInfo, accuracy_eval_results, inherited, save_curves, save_model_card
+from .shards import sharded_source
 from .trainer import (
     EMACallback,
     EpochCallback,
@@ -63,7 +64,8 @@ class LabelledData:
 def parse_args(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, FinetuningArguments, TrainingArguments),
                               description="Fine-tune a ConvNeXt V2 image classifier with the Trainer.")
-    parser.set_defaults(**REFERENCE_TRAINER_DEFAULTS)
+    # Workers restart each epoch (not persistent): they then see the epoch that seeds the augmentation.
+    parser.set_defaults(**REFERENCE_TRAINER_DEFAULTS, dataloader_num_workers=default_num_workers())
     return parse_marking_given(parser, argv)
 
 
@@ -142,6 +144,9 @@ def complete_schedule(training_args, recipe: FinetuningArguments, num_samples: i
 
 def load_labelled_data(data_args: DataArguments, recipe: FinetuningArguments, training_args) -> LabelledData:
     """Train and evaluation splits (a held-out split of train when there is no validation set), checked."""
+    if sharded_source(data_args) is not None:
+        raise ValueError("Fine-tuning reads an image folder (--train_dir) or a hub dataset (--dataset_name); shards "
+                         "(--train_files) are streamed by pre-training only.")
     raw, ignored = data_utils.load_image_dataset(data_args, labelled=True, token=training_args.hub_token)
     if "train" not in raw:
         raise ValueError(f"The dataset has no train split (splits: {list(raw)}).")
@@ -211,19 +216,12 @@ def stratified_indices(classes, counts, total: int, rng):
 
 
 def checked_images(train, evaluation, image_column: str, data_args: DataArguments, training_args):
-    """Drop unreadable images (with --skip_corrupt_images), else decode the evaluation images once up front."""
-    skipped = 0
+    """The evaluation images checked (or unreadable ones dropped) before training; training images are handled
+    where they are decoded ([`UnreadableImages`])."""
     with training_args.main_process_first():
-        if data_args.skip_corrupt_images:
-            train, dropped_train = data_utils.drop_unreadable(train, image_column, data_args.max_image_pixels)
-            evaluation, dropped_eval = data_utils.drop_unreadable(evaluation, image_column, data_args.max_image_pixels,
-                                                                  processed=True)
-            skipped = dropped_train + dropped_eval
-            if skipped:
-                logger.warning("Skipped %d unreadable image(s).", skipped)
-        else:
-            data_utils.check_headers(train, image_column, data_args.max_image_pixels)
-            data_utils.check_readable(evaluation, image_column, data_args.max_image_pixels)
+        evaluation, skipped = data_utils.checked_evaluation_split(evaluation, image_column, data_args)
+    if skipped:
+        logger.warning("Skipped %d unreadable evaluation image(s).", skipped)
     data_utils.check_not_empty(train, "train")
     data_utils.check_not_empty(evaluation, "evaluation")
     return train, evaluation, skipped
@@ -243,7 +241,9 @@ def attach_transforms(data: LabelledData, processor, model_args, recipe, data_ar
                 "labels": batch[data.label_column]}
 
     data.evaluation.set_transform(eval_batch)
-    data.train = SeededAugmentedDataset(data.train, data.image_column, data.label_column, train_transform, seed, decode)
+    unreadable = data_utils.UnreadableImages(len(data.train), data_args.skip_corrupt_images, data_args.max_image_pixels)
+    data.train = SeededAugmentedDataset(data.train, data.image_column, data.label_column, train_transform, seed,
+                                        unreadable)
 
 
 def collate(examples):
@@ -291,7 +291,8 @@ def train_and_evaluate(trainer, resume: str | None, data: LabelledData) -> dict:
         metrics.update(trainer.evaluate(metric_key_prefix="eval_ema"))
         trainer.model = trainer.model_wrapped = model
     metrics["train_loss"] = train_result.training_loss
-    metrics["skipped_images"] = data.skipped
+    unreadable = data.train.unreadable.count(trainer.accelerator)
+    metrics["skipped_images"] = data.skipped + (unreadable or 0)
     metrics["ignored_files"] = data.ignored
     return metrics
 

@@ -6,11 +6,17 @@ a resumed run, or the same global batch split over several processes, sees exact
 
 from __future__ import annotations
 
+import logging
+
 import torch
-from torch.utils.data import Dataset as TorchDataset, IterableDataset as TorchIterableDataset, Sampler
+from torch.utils.data import Dataset as TorchDataset, IterableDataset as TorchIterableDataset, Sampler, get_worker_info
 
 from .augmentation import sample_generator
-from .data import MAX_IMAGE_PIXELS, decode_image
+from .data import MAX_IMAGE_PIXELS, UnreadableImageError, UnreadableImages, decode_image, open_image_header
+
+logger = logging.getLogger(__name__)
+
+SHUFFLE_BUFFER = 1000  # rows; with ~1,000-image shards and shard order shuffled too, as webdataset users do
 
 
 class EpochSampler(Sampler):
@@ -27,22 +33,25 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         else:
             order = torch.arange(self.num_samples)
-        return iter([(self.epoch, int(i)) for i in order])
+        return ((self.epoch, i) for i in order.tolist())
 
     def __len__(self) -> int:
         return self.num_samples
 
 
 class MaskedRows:
-    """The step every masked dataset shares: decode a row's image, transform it and draw its mask, both from the
-    sample's own generator."""
+    """The step every masked dataset shares: transform a decoded image and draw its mask, both from the sample's own
+    generator. Training images that cannot be decoded are handled by `unreadable` ([`UnreadableImages`])."""
 
-    def __init__(self, dataset, image_column: str, transform, draw_mask, seed: int, max_pixels: int = MAX_IMAGE_PIXELS):
+    def __init__(self, dataset, image_column: str, transform, draw_mask, seed: int, max_pixels: int = MAX_IMAGE_PIXELS,
+                 skip_unreadable: bool = False):
         self.dataset, self.image_column, self.transform, self.draw_mask = dataset, image_column, transform, draw_mask
         self.seed, self.max_pixels = seed, max_pixels
+        sized = hasattr(dataset, "__len__")
+        self.unreadable = UnreadableImages(len(dataset) if sized else 0, skip_unreadable, max_pixels)
 
-    def masked_sample(self, row, generator: torch.Generator) -> dict:
-        pixel_values = self.transform(decode_image(row[self.image_column], self.max_pixels), generator)
+    def masked_sample(self, image, generator: torch.Generator) -> dict:
+        pixel_values = self.transform(image, generator)
         return {"pixel_values": pixel_values, "bool_masked_pos": self.draw_mask(pixel_values, generator)}
 
 
@@ -54,21 +63,63 @@ class MaskedImageDataset(MaskedRows, TorchDataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        return self.masked_sample(self.dataset[index], sample_generator(self.seed, epoch, index))
+        generator = sample_generator(self.seed, epoch, index)
+        return self.unreadable.row_and_image(self.dataset, index, self.image_column,
+                                             use=lambda image: self.masked_sample(image, generator))[1]
 
 
 class StreamingMaskedImageDataset(MaskedRows, TorchIterableDataset):
-    """Streaming: the running position in the stream plays the role of the index."""
+    """Streaming: shards (of this process's part, `split_dataset_by_node`) shared out between data-loader workers
+    by `datasets`, their order and a buffer of `SHUFFLE_BUFFER` rows shuffled per (seed, epoch). A row's place in its
+    worker's stream seeds its crop and mask, and travels with the sample (`stream_position`: worker, place), so the
+    training loop knows the last row it used from each worker; a resumed run skips the rows up to there unread
+    (their bytes are read, not decoded) and continues exactly where the checkpoint was taken."""
 
-    epoch = 0
+    def __init__(self, *args, rank: int = 0, world: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rank, self.world, self.epoch = rank, world, 0
+        self.resume_after: dict[int, int] = {}  # worker -> last place used before the checkpoint, in `self.epoch`
+        self.used: dict[int, int] = {}  # training-loop side: worker -> last place used in this epoch
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        if epoch != self.epoch:
+            self.resume_after = {}
+        self.epoch, self.used = epoch, dict(self.resume_after)
+
+    def record(self, positions: torch.Tensor) -> None:
+        """Note the (worker, place) pairs of a batch the training loop took."""
+        for worker, place in positions.tolist():
+            self.used[worker] = max(self.used.get(worker, -1), place)
+
+    def progress(self, workers: int) -> list[int]:
+        """[epoch, last place used from worker 0, 1, ...] for a checkpoint."""
+        return [self.epoch] + [self.used.get(worker, -1) for worker in range(max(1, workers))]
+
+    def resume_at(self, progress: list[int], workers: int) -> None:
+        if len(progress) != max(1, workers) + 1:
+            raise ValueError(f"This streamed run was checkpointed with {len(progress) - 1} data-loader worker(s) per "
+                             f"process; resume it with --dataloader_num_workers {len(progress) - 1} (now {workers}).")
+        self.epoch, self.resume_after = progress[0], {w: p for w, p in enumerate(progress[1:]) if p >= 0}
+        self.used = dict(self.resume_after)
 
     def __iter__(self):
-        stream = self.dataset.shuffle(seed=self.seed + self.epoch, buffer_size=1000)
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        start = self.resume_after.get(worker, -1) + 1
+        stream = self.dataset.shuffle(seed=self.seed + self.epoch, buffer_size=SHUFFLE_BUFFER)
         for position, row in enumerate(stream):
-            yield self.masked_sample(row, sample_generator(self.seed, self.epoch, position))
+            if position < start:
+                continue
+            index = (position * workers + worker) * self.world + self.rank  # unique over processes and workers
+            generator = sample_generator(self.seed, self.epoch, index)
+            try:
+                sample = self.masked_sample(open_image_header(row[self.image_column], self.max_pixels), generator)
+            except UnreadableImageError as error:
+                if not self.unreadable.skip:
+                    raise
+                logger.warning("Skipping: %s", error)
+                continue
+            yield sample | {"stream_position": torch.tensor([worker, position])}
 
 
 class ProcessorView:
@@ -91,11 +142,10 @@ class EvaluationMaskedDataset(MaskedRows, TorchDataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        return self.masked_sample(self.dataset[index], sample_generator(self.seed, -1, index))
+        image = decode_image(self.dataset[index][self.image_column], self.max_pixels)  # checked before training
+        return self.masked_sample(image, sample_generator(self.seed, -1, index))
 
 
 def collate(examples):
-    return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-        "bool_masked_pos": torch.stack([e["bool_masked_pos"] for e in examples]),
-    }
+    """Stacks each key of the samples (`stream_position` too, when streaming)."""
+    return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}

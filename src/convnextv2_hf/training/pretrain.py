@@ -22,13 +22,14 @@ from transformers import HfArgumentParser, get_scheduler
 from ..hub import ensure_hub_available, push_folder_to_hub
 from ..masking import random_masking
 from . import data as data_utils
-from .arguments import DataArguments, ModelArguments, PretrainingArguments, parse_marking_given
+from .arguments import DataArguments, ModelArguments, PretrainingArguments, default_num_workers, parse_marking_given
 from .augmentation import PretrainTransform
 from .checkpoints import PRETRAINING_MARKER, save_folder_atomically, save_model_and_processor
 from .fcmae_engine import FCMAERun, TrainingPlan, TrainingState, resume, train
 from .masked_datasets import EpochSampler, EvaluationMaskedDataset, MaskedImageDataset, StreamingMaskedImageDataset, collate
 from .models import build_fcmae
 from .optim import param_groups
+from .shards import sharded_source
 from .output_dir import check_output_dir, checkpoint_bytes, claim_output_dir
 from .recipes import PRETRAIN_RECIPES, PRETRAIN_TOTAL_BATCH, apply_recipe, card_lines
 from .reporting import CardInfo, inherited, save_curves, save_model_card, save_reconstruction_grid
@@ -41,7 +42,7 @@ class PretrainingData:
     train: object
     validation: object | None
     image_column: str
-    skipped: int | None
+    skipped: int  # evaluation images dropped before training
     ignored: int
 
 
@@ -63,6 +64,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: PretrainingA
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.push_to_hub:  # fail before any work
         ensure_hub_available("push the pre-trained model (--push_to_hub)", args.hub_token)
+    if sharded_source(data_args) is not None:
+        stream_shards(args)
+    check_streamed_checkpoints(args)
     if args.recipe is not None:  # before the accelerator, which takes the accumulation steps
         args.applied_recipe = apply_recipe(args.recipe, PRETRAIN_RECIPES, PRETRAIN_TOTAL_BATCH,
                                            int(os.environ.get("WORLD_SIZE", "1")), "pre-training", model_args, args)
@@ -99,6 +103,21 @@ def finished_run(state: TrainingState, plan: TrainingPlan, output_dir: str) -> d
         return None
     saved = json.loads(results.read_text())
     return saved | {"history": saved.pop("loss_history", [])}
+
+
+def stream_shards(args: PretrainingArguments) -> None:
+    """Shards are read as a stream: that needs a step count (a stream has no length)."""
+    if args.max_train_steps is None:
+        raise ValueError("Shards are streamed, and a stream has no length to count epochs by: pass --max_train_steps.")
+    args.streaming = True
+
+
+def check_streamed_checkpoints(args: PretrainingArguments) -> None:
+    """Processes reach the end of their own part of a stream at different steps: a checkpoint there would wait for
+    the others, who are still training; streamed runs checkpoint every N steps instead."""
+    if args.streaming and args.checkpointing_steps == "epoch":
+        raise ValueError("--checkpointing_steps epoch cannot be used with a stream (each process's part ends at its "
+                         "own step); give a number of steps.")
 
 
 def build_accelerator(args: PretrainingArguments):
@@ -164,18 +183,15 @@ def load_data(data_args: DataArguments, args: PretrainingArguments, accelerator)
         train = splits["train"]
         splits["train"] = (train.take(data_args.max_train_samples) if args.streaming
                            else train.select(range(min(data_args.max_train_samples, len(train)))))
-    skipped = None
-    with accelerator.main_process_first():
-        if data_args.skip_corrupt_images:
-            results = {name: data_utils.drop_unreadable(split, image_column, data_args.max_image_pixels,
-                                                        processed=name == "validation")
-                       for name, split in splits.items()}
-            splits = {name: result[0] for name, result in results.items()}
-            skipped = sum(result[1] or 0 for result in results.values()) if not args.streaming else None
-        elif not args.streaming:
-            data_utils.check_headers(splits["train"], image_column, data_args.max_image_pixels)
-            if "validation" in splits:
-                data_utils.check_readable(splits["validation"], image_column, data_args.max_image_pixels)
+    if args.streaming:  # each process its own shards (or every n-th row when they do not divide evenly)
+        from datasets.distributed import split_dataset_by_node
+
+        splits["train"] = split_dataset_by_node(splits["train"], accelerator.process_index, accelerator.num_processes)
+    skipped = 0
+    if "validation" in splits and not args.streaming:  # the training images are handled where they are decoded
+        with accelerator.main_process_first():
+            splits["validation"], skipped = data_utils.checked_evaluation_split(splits["validation"], image_column,
+                                                                              data_args)
     for name, split in splits.items():
         data_utils.check_not_empty(split, name)
     return PretrainingData(splits["train"], splits.get("validation"), image_column, skipped, ignored)
@@ -192,7 +208,7 @@ def prepare_run(accelerator, model, processor, data: PretrainingData, model_args
         mask = processor.draw_masks([tuple(pixel_values.shape[-2:])], config.mask_ratio, config.mask_cell_size, seed)
         return torch.as_tensor(mask[0])
 
-    train_dataset, sampler, train_loader = train_loader_for(data, transform, draw_mask, data_args, args)
+    train_dataset, sampler, train_loader = train_loader_for(data, transform, draw_mask, data_args, args, accelerator)
     eval_loader = None
     if data.validation is not None and not args.streaming:
         evaluation = EvaluationMaskedDataset(data.validation, data.image_column, processor, draw_mask, args.seed,
@@ -203,7 +219,10 @@ def prepare_run(accelerator, model, processor, data: PretrainingData, model_args
         [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, args.weight_decay, recipe="pretrain")],
         lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
     )
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if args.streaming:  # not Accelerate's loader: it would read the whole stream in every process (or the first)
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     plan = TrainingPlan.from_args(args, None if args.streaming else len(train_loader), accelerator.num_processes)
@@ -214,18 +233,20 @@ def prepare_run(accelerator, model, processor, data: PretrainingData, model_args
                     eval_loader=eval_loader)
 
 
-def train_loader_for(data: PretrainingData, transform, draw_mask, data_args, args):
+def train_loader_for(data: PretrainingData, transform, draw_mask, data_args, args, accelerator):
     """(dataset, sampler or None, loader): seeded per-sample augmentation and masks, a seeded order per epoch."""
     common = dict(image_column=data.image_column, transform=transform, draw_mask=draw_mask, seed=args.seed,
-                  max_pixels=data_args.max_image_pixels)
-    if args.streaming:
-        dataset = StreamingMaskedImageDataset(data.train, **common)
-        return dataset, None, DataLoader(dataset, batch_size=args.per_device_train_batch_size, collate_fn=collate,
-                                         num_workers=args.dataloader_num_workers)
+                  max_pixels=data_args.max_image_pixels, skip_unreadable=data_args.skip_corrupt_images)
+    workers = default_num_workers() if args.dataloader_num_workers is None else args.dataloader_num_workers
+    loading = dict(batch_size=args.per_device_train_batch_size, collate_fn=collate, num_workers=workers,
+                   pin_memory=torch.cuda.is_available())
+    if args.streaming:  # workers restart each epoch, so they see the epoch that seeds the stream's order
+        dataset = StreamingMaskedImageDataset(data.train, **common, rank=accelerator.process_index,
+                                              world=accelerator.num_processes)
+        return dataset, None, DataLoader(dataset, **loading)
     dataset = MaskedImageDataset(data.train, **common)
-    sampler = EpochSampler(len(dataset), args.seed)
-    loader = DataLoader(dataset, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collate,
-                        num_workers=args.dataloader_num_workers, drop_last=True)
+    sampler = EpochSampler(len(dataset), args.seed)  # the epoch travels with each index: workers can persist
+    loader = DataLoader(dataset, sampler=sampler, drop_last=True, persistent_workers=workers > 0, **loading)
     if len(loader) == 0:
         raise ValueError(f"{len(dataset)} training images are fewer than one batch of "
                          f"{args.per_device_train_batch_size}; lower --per_device_train_batch_size.")
@@ -251,8 +272,10 @@ def finish(fcmae_run: FCMAERun, state: TrainingState, data: PretrainingData, pro
     """Save the model, processor, pictures, card and results (main process), then push if asked."""
     accelerator, args = fcmae_run.accelerator, fcmae_run.args
     history = state.history
+    unreadable = fcmae_run.train_dataset.unreadable.count(accelerator)
+    skipped = None if unreadable is None and not data.skipped else data.skipped + (unreadable or 0)
     summary = {"completed_steps": state.completed_steps, "history": history,
-               "final_loss": history[-1][1] if history else None, "skipped_images": data.skipped,
+               "final_loss": history[-1][1] if history else None, "skipped_images": skipped,
                "ignored_files": data.ignored, "validation_loss": state.validation}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -260,7 +283,8 @@ def finish(fcmae_run: FCMAERun, state: TrainingState, data: PretrainingData, pro
 
         def write(folder: Path) -> None:
             save_model_and_processor(model, processor, folder)
-            write_report(model, processor, state, data, fcmae_run.plan, model_args, data_args, args, folder)
+            write_report(model, processor, state, data, fcmae_run.plan, model_args, data_args, args, folder,
+                         fcmae_run.train_dataset.unreadable)
             with open(folder / "train_results.json", "w") as handle:
                 json.dump({k: v for k, v in summary.items() if k != "history"} | {"loss_history": history}, handle)
 
@@ -271,25 +295,31 @@ def finish(fcmae_run: FCMAERun, state: TrainingState, data: PretrainingData, pro
     return summary
 
 
-def preview_batch(dataset, image_column: str, processor, count: int = 8) -> torch.Tensor:
-    """A few images center-cropped by the processor, evenly spread over the dataset (so several classes show)."""
+def preview_batch(dataset, image_column: str, processor, unreadable, count: int = 8) -> torch.Tensor:
+    """A few images center-cropped by the processor, evenly spread over the dataset (so several classes show);
+    unreadable ones are stood in for as in training."""
     if hasattr(dataset, "__len__"):
         step = max(1, len(dataset) // count)
-        rows = (dataset[i] for i in range(0, min(len(dataset), step * count), step))
+        images = [unreadable.row_and_image(dataset, i, image_column)[1]
+                  for i in range(0, min(len(dataset), step * count), step)]
     else:
-        rows = dataset.take(count)
-    return processor([data_utils.decode_image(row[image_column]) for row in rows], return_tensors="pt")["pixel_values"]
+        images = []
+        for row in dataset.take(4 * count):
+            with contextlib.suppress(data_utils.UnreadableImageError):
+                images.append(data_utils.decode_image(row[image_column], unreadable.max_pixels))
+        images = images[:count]
+    return processor(images, return_tensors="pt")["pixel_values"]
 
 
 def write_report(model, processor, state: TrainingState, data, plan: TrainingPlan, model_args, data_args, args,
-                 out: Path) -> None:
+                 out: Path, unreadable) -> None:
     """Loss curve, reconstruction grid and the model card, written into `out`."""
     config = model.config
     curves = {"train": tuple(map(list, zip(*state.history))) if state.history else ([], [])}
     if state.validation:
         curves["validation"] = tuple(map(list, zip(*state.validation)))
     save_curves(curves, os.path.join(out, "loss_curve.png"), "FCMAE pre-training loss")
-    preview = preview_batch(data.train, data.image_column, processor).to(model.device)
+    preview = preview_batch(data.train, data.image_column, processor, unreadable).to(model.device)
     grid = (model_args.image_size // config.mask_cell_size,) * 2
     mask = random_masking(preview.shape[0], grid, config.mask_ratio, generator=torch.Generator().manual_seed(args.seed))
     save_reconstruction_grid(model, preview, os.path.join(out, "reconstructions.png"), processor.image_mean,
@@ -298,7 +328,8 @@ def write_report(model, processor, state: TrainingState, data, plan: TrainingPla
     results = {"final training loss (mean of last 10% of steps)": f"{sum(tail) / len(tail):.4f}"} if tail else {}
     if state.validation:
         results["validation loss (masked reconstruction, last epoch)"] = f"{state.validation[-1][1]:.4f}"
-    source = f"`{data_args.dataset_name}`" if data_args.dataset_name else f"images from the `{data_utils.dataset_label(data_args)}` folder"
+    source = (f"`{data_args.dataset_name}`" if data_args.dataset_name else
+              f"images from the `{data_utils.dataset_label(data_args)}` {'shards' if args.streaming else 'folder'}")
     count = " (streamed)" if args.streaming else f", {len(data.train)} training images"
     save_model_card(model, CardInfo(
         model_name=args.hub_model_id or Path(args.output_dir).name,

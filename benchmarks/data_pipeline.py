@@ -1,0 +1,261 @@
+"""The `data` section of `benchmark.py`: what the input pipeline costs as the data set grows, against the reference's
+own data path (torchvision `ImageFolder` + `DataLoader`, run in an environment with torchvision).
+
+    python benchmarks/benchmark.py --sections data --output benchmarks/results-cpu-data.md
+
+- Start-up: launch to the first optimizer step (one step of a tiny model; ours also save it) at two data sizes, for
+  both scripts on a folder, pre-training on webdataset and parquet shards, and a 2-process launch; the per-image
+  slope is fitted from the two sizes and extrapolated to ImageNet-1k and -22k.
+- Memory of the file index (RSS growth from listing the folder), ours against `ImageFolder`'s list of samples.
+- Throughput of one data-loading worker: decode + RandomResizedCrop(224, scale 0.2-1, bicubic) + flip + normalise, on
+  500x375 JPEGs and on 3000x2000 photos, ours against torchvision's transforms (the reference's `transform_train`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+IMAGENET = {"ImageNet-1k": 1_281_167, "ImageNet-22k": 14_197_122}
+TINY_MODEL = "depths=[1,1,1,1],hidden_sizes=[8,16,24,32],patch_size=2,decoder_hidden_size=16"
+TORCHVISION_PYTHON = os.environ.get("CONVNEXTV2_TEST_TORCHVISION_PYTHON", "python")
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+
+TORCHVISION_STARTUP = """
+import sys, time, torch
+started = time.time()
+from torchvision import datasets, transforms
+folder = datasets.ImageFolder(sys.argv[1], transforms.Compose([transforms.RandomResizedCrop(32), transforms.ToTensor()]))
+loader = torch.utils.data.DataLoader(folder, batch_size=64, shuffle=True, num_workers=int(sys.argv[2]))
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, 4), torch.nn.Flatten(), torch.nn.LazyLinear(100))
+images, labels = next(iter(loader))
+optimizer = torch.optim.AdamW(model.parameters())
+torch.nn.functional.cross_entropy(model(images), labels).backward()
+optimizer.step()
+print(time.time() - started)
+"""
+
+INDEX_RSS = """
+import json, sys
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+kind, root = sys.argv[1], sys.argv[2]
+if kind == "ours":
+    from convnextv2_hf.training.data import folder_dataset, scan_folder
+    before = rss()
+    index = folder_dataset(scan_folder(root, "--train_dir"), labelled=True)
+else:
+    from torchvision import datasets
+    before = rss()
+    index = datasets.ImageFolder(root)
+print(json.dumps({"mib": rss() - before, "images": len(index)}))
+"""
+
+THROUGHPUT = """
+import json, sys, time, torch
+torch.set_num_threads(1)
+kind, files = sys.argv[1], json.loads(sys.argv[2])
+mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+if kind == "ours":
+    from convnextv2_hf.training.augmentation import PretrainTransform, sample_generator
+    from convnextv2_hf.training.data import open_image_header
+    transform = PretrainTransform(224, mean, std)
+    def one(i, path):
+        return transform(open_image_header({"path": path, "bytes": None}), sample_generator(0, 0, i))
+else:
+    from PIL import Image
+    from torchvision import transforms
+    transform = transforms.Compose([transforms.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=3),
+                                    transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                                    transforms.Normalize(mean, std)])
+    def one(i, path):
+        with open(path, "rb") as handle:
+            return transform(Image.open(handle).convert("RGB"))
+for i, path in enumerate(files[:4]):
+    one(i, path)
+started, count = time.perf_counter(), 0
+while time.perf_counter() - started < 8:
+    for i, path in enumerate(files):
+        one(i, path)
+    count += len(files)
+print(json.dumps({"images_per_s": count / (time.perf_counter() - started)}))
+"""
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def synthetic_folder(root: Path, images: int, classes: int = 100) -> Path:
+    """`images` small JPEGs in `classes` class folders (start-up cost is per file, not per pixel)."""
+    import numpy as np
+    from PIL import Image
+
+    if (root / "done").exists():
+        return root
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    for index in range(images):
+        folder = root / f"class{index % classes:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{index}.jpg").write_bytes(buffer.getvalue())
+    (root / "done").write_text("")
+    return root
+
+
+def synthetic_shards(folder: Path, root: Path, kind: str) -> Path:
+    from convnextv2_hf.training.shards import write_shards
+
+    if not (root / "classes.json").exists():
+        write_shards(str(folder), str(root), kind, images_per_shard=1000)
+    return root
+
+
+def photos(root: Path, size: tuple[int, int], count: int) -> list[str]:
+    """Photo-like JPEGs (smooth gradients, blobs, sensor noise) of one size, quality 90."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in range(count):
+        path = root / f"{size[0]}x{size[1]}-{seed}.jpg"
+        if not path.exists():
+            rng = np.random.default_rng(seed)
+            y, x = np.mgrid[0:size[1], 0:size[0]] / max(size)
+            pixels = np.stack([np.sin(6 * x + 2 * y + seed), np.cos(5 * y - 3 * x), np.sin(9 * x * y)], -1) * 60 + 120
+            for _ in range(8):
+                cy, cx, r = rng.uniform(0, 1, 3) * (1, 1, 0.2)
+                pixels[(y - cy) ** 2 + (x - cx) ** 2 < r ** 2] = rng.uniform(0, 255, 3)
+            pixels = np.clip(pixels + rng.normal(0, 6, pixels.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------- measurements
+
+
+def seconds(command: list[str]) -> float:
+    """Wall time of `command` (to its first optimizer step, and for ours the save after it)."""
+    started = time.time()
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        raise RuntimeError(f"{command[:4]}: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+    return time.time() - started
+
+
+def startup_commands(folder: Path, shards: dict[str, Path], out: Path) -> dict[str, list[str]]:
+    common = ["--config_overrides", TINY_MODEL, "--image_size", "32", "--per_device_train_batch_size", "64",
+              "--overwrite_output_dir"]
+    pretrain = [str(HERE.parent / "examples/pretraining/run_fcmae.py"), *common, "--max_train_steps", "1"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return {
+        "run_fcmae.py, folder": [sys.executable, *pretrain, "--train_dir", str(folder), "--output_dir", str(out / "a")],
+        "run_fcmae.py, folder, 2 processes": [*launch, *pretrain, "--train_dir", str(folder), "--output_dir",
+                                              str(out / "b")],
+        "run_fcmae.py, webdataset shards": [sys.executable, *pretrain, "--train_files",
+                                            str(shards["webdataset"] / "*.tar"), "--output_dir", str(out / "c")],
+        "run_fcmae.py, parquet shards": [sys.executable, *pretrain, "--train_files",
+                                         str(shards["parquet"] / "*.parquet"), "--output_dir", str(out / "d")],
+        "run_finetune.py, folder": [sys.executable, str(HERE.parent / "examples/classification/run_finetune.py"),
+                                    *common, "--train_dir", str(folder), "--output_dir", str(out / "e"), "--max_steps",
+                                    "1", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
+                                    "--max_eval_samples", "256"],
+        "torchvision ImageFolder": [TORCHVISION_PYTHON, "-c", TORCHVISION_STARTUP, str(folder), "2"],
+    }
+
+
+def startup_times(sizes: list[int], work: Path) -> dict[tuple[str, int], float]:
+    """(command, size) -> seconds of a second run (page cache and this machine's once-only checks warm)."""
+    times = {}
+    for size in sizes:
+        folder = synthetic_folder(work / f"images-{size}", size)
+        shards = {kind: synthetic_shards(folder, work / f"{kind}-{size}", kind) for kind in ("webdataset", "parquet")}
+        for name, command in startup_commands(folder, shards, work / f"out-{size}").items():
+            first = seconds(command)
+            times[name, size] = min(first, seconds(command))
+            print(f"start-up {name} {size}: first {first:.1f} s, again {times[name, size]:.1f} s", file=sys.stderr)
+    return times
+
+
+def run_json(python: str, code: str, *args: str) -> dict:
+    result = subprocess.run([python, "-c", code, *args], capture_output=True, text=True, env=ENV,
+                            stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    return f"{value:,.{digits}f}"
+
+
+# --------------------------------------------------------------------------------------------- section
+
+
+def data_section(args, common: dict) -> list[str]:
+    """Start-up slope, index memory and per-worker throughput, ours against torchvision `ImageFolder`."""
+    work = Path(tempfile.mkdtemp(prefix="data-bench-"))
+    sizes = args.data_sizes
+    lines = startup_table(startup_times(sizes, work), sizes)
+    lines += index_memory_table(work / f"images-{sizes[1]}", sizes[1])
+    lines += throughput_table(work)
+    return lines
+
+
+def startup_table(times: dict, sizes: list[int]) -> list[str]:
+    base = "torchvision ImageFolder"
+    slope = {name: (times[name, sizes[1]] - times[name, sizes[0]]) / (sizes[1] - sizes[0]) for name, _ in times}
+    lines = [f"## Start-up as the data grow: launch to the first optimizer step ({sizes[0]:,} and {sizes[1]:,} "
+             "images)", "",
+             "Synthetic 64x48 JPEGs in 100 class folders, and the same images as webdataset / parquet shards of 1,000 "
+             "(`convnextv2-hf write-shards`); page cache warm, the better of two runs. Ours include a tiny model's "
+             "save after the step (fine-tuning also evaluates 256 held-out images); torchvision `ImageFolder` + "
+             "`DataLoader` (2 workers) + one step of a tiny model is the reference's data path. The slope is fitted "
+             "from the two sizes; the ratio is ours over torchvision's.", "",
+             "| command | " + " | ".join(f"{size:,} images (s)" for size in sizes) + " | s per 100,000 images | "
+             "slope / torchvision | " + " | ".join(f"{name} (s)" for name in IMAGENET) + " |", "|---" * 7 + "|"]
+    for name in dict.fromkeys(name for name, _ in times):
+        at = {label: times[name, sizes[0]] + slope[name] * (n - sizes[0]) for label, n in IMAGENET.items()}
+        ratio = slope[name] / slope[base] if slope[base] > 0 else float("nan")
+        lines.append(f"| {name} | " + " | ".join(fmt(times[name, size]) for size in sizes) +
+                     f" | {fmt(slope[name] * 1e5, 2)} | {fmt(ratio, 2)}x | " +
+                     " | ".join(fmt(value, 0) for value in at.values()) + " |")
+    return lines + [""]
+
+
+def index_memory_table(folder: Path, size: int) -> list[str]:
+    ours = run_json(sys.executable, INDEX_RSS, "ours", str(folder))
+    theirs = run_json(TORCHVISION_PYTHON, INDEX_RSS, "torchvision", str(folder))
+    lines = [f"## Memory of the file index ({size:,} images)", "",
+             "Growth of the process's resident memory from listing the folder: ours an Arrow table (paths and "
+             "labels), torchvision's `ImageFolder` a Python list of (path, label) tuples.", "",
+             "| index | MiB | " + " | ".join(f"{name} (MiB, extrapolated)" for name in IMAGENET) + " |", "|---|---|---|---|"]
+    for name, result in (("ours (Arrow)", ours), ("torchvision ImageFolder", theirs)):
+        per_image = result["mib"] / result["images"]
+        lines.append(f"| {name} | {fmt(result['mib'])} | " +
+                     " | ".join(fmt(per_image * n, 0) for n in IMAGENET.values()) + " |")
+    return lines + [""]
+
+
+def throughput_table(work: Path) -> list[str]:
+    lines = ["## Throughput of one data-loading worker (images/s)", "",
+             "Decode + RandomResizedCrop(224, scale 0.2-1, bicubic) + horizontal flip + normalise to a tensor, one "
+             "thread, photo-like JPEGs (quality 90). Ours decodes a JPEG at 1/2-1/8 scale when the crop box is 2-8 "
+             "times the output (`Image.draft`, same box); torchvision's transforms are the reference's "
+             "`transform_train`. Ours also draws the FCMAE mask in training (not included here).", "",
+             "| images | ours | torchvision | ours / torchvision |", "|---|---|---|---|"]
+    for size, count in (((500, 375), 64), ((3000, 2000), 12)):
+        files = json.dumps(photos(work / "photos", size, count))
+        ours = run_json(sys.executable, THROUGHPUT, "ours", files)["images_per_s"]
+        theirs = run_json(TORCHVISION_PYTHON, THROUGHPUT, "torchvision", files)["images_per_s"]
+        lines.append(f"| {size[0]}x{size[1]} | {fmt(ours)} | {fmt(theirs)} | {fmt(ours / theirs, 2)}x |")
+    return lines + [""]

@@ -1,0 +1,170 @@
+"""Sharded image sets: local webdataset tar shards or parquet shards, read through `datasets` streaming, and a
+writer that makes them from an image folder (as users prepare ImageNet for many machines).
+
+A webdataset shard holds `<key>.<image extension>` members (and `<key>.cls`, the class index, for class folders); a
+parquet shard holds an `image` column (`{bytes, path}`, `datasets`' Image feature) and a `label` column. Both are
+what the hub's own copies of ImageNet use, so the same shards can be pushed and streamed back.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SHARD_FORMATS = {".tar": "webdataset", ".parquet": "parquet"}
+
+
+def expand_shard_patterns(patterns: list[str], flag: str) -> tuple[str, list[str]]:
+    """(`datasets` builder name, sorted shard files) of glob patterns; one clear error for a pattern that matches
+    nothing, an unknown extension, or webdataset and parquet shards mixed."""
+    files = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matched:
+            raise FileNotFoundError(f"{flag} {pattern!r} matches no files; give shard paths or globs such as "
+                                    "'data/train-*.tar' or 'data/train-*.parquet'.")
+        files.extend(os.path.abspath(path) for path in matched)
+    files = sorted(dict.fromkeys(files))
+    kinds = {SHARD_FORMATS.get(os.path.splitext(path)[1].lower()) for path in files}
+    if None in kinds:
+        odd = next(path for path in files if os.path.splitext(path)[1].lower() not in SHARD_FORMATS)
+        raise ValueError(f"{flag}: {odd} is not a shard (.tar webdataset or .parquet); for a folder of images, "
+                         "pass --train_dir.")
+    if len(kinds) > 1:
+        raise ValueError(f"{flag} mixes webdataset (.tar) and parquet shards; pass one kind.")
+    return kinds.pop(), files
+
+
+def shards_in_folder(root: str | os.PathLike) -> list[str]:
+    """The shard files directly inside `root` when it holds shards and no sub-folders (a folder of shards given as
+    --train_dir); otherwise an empty list (an image folder)."""
+    with os.scandir(root) as entries:
+        entries = [entry for entry in entries if not entry.name.startswith(".")]
+    if any(entry.is_dir() for entry in entries):
+        return []
+    return sorted(entry.path for entry in entries if os.path.splitext(entry.name)[1].lower() in SHARD_FORMATS)
+
+
+def sharded_source(data_args) -> tuple[list[str], str] | None:
+    """(shard patterns, the flag that gave them) when the data are shards: --train_files, or a --train_dir that
+    holds shards; None for an image folder or a hub dataset."""
+    if getattr(data_args, "train_files", None):
+        if data_args.train_dir is not None:
+            raise ValueError("Pass --train_files (shards) or --train_dir (a folder), not both.")
+        return list(data_args.train_files), "--train_files"
+    if data_args.train_dir is not None and os.path.isdir(data_args.train_dir):
+        files = shards_in_folder(data_args.train_dir)
+        return (files, "--train_dir") if files else None
+    return None
+
+
+def load_shards(patterns: list[str], flag: str):
+    """The shards as a streaming `IterableDatasetDict` with a train split; each shard is a unit that
+    `split_dataset_by_node` and the data-loader workers share out."""
+    from datasets import load_dataset
+
+    builder, files = expand_shard_patterns(patterns, flag)
+    logger.info("%s: %d %s shard(s), streamed", flag, len(files), builder)
+    return load_dataset(builder, data_files={"train": files}, streaming=True)
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def write_shards(train_dir: str, output_dir: str, shard_format: str = "webdataset", images_per_shard: int = 1000,
+                 num_proc: int | None = None) -> list[str]:
+    """Write the images of `train_dir` (class sub-folders become labels) into numbered shards in `output_dir`,
+    in parallel, image bytes unchanged; returns the shard paths. Shards hold the folder's sorted order: a streaming
+    run shuffles shard order and a buffer, so keep shards small enough (about 1,000 images) to mix well."""
+    from tqdm.auto import tqdm
+
+    from .data import check_class_layout, scan_folder
+
+    scan = scan_folder(train_dir, "--train_dir")
+    labelled = bool(scan.classes) and all(len(parts) == 1 for parts, _ in scan.folders)
+    if labelled:
+        check_class_layout(scan, "--train_dir")
+    paths = scan.paths()
+    index = {name: i for i, name in enumerate(scan.classes)}
+    labels = [index[parts[0]] for parts, names in scan.folders for _ in names] if labelled else [None] * len(paths)
+    out = prepare_output(train_dir, output_dir)
+    suffix = ".tar" if shard_format == "webdataset" else ".parquet"
+    count = -(-len(paths) // images_per_shard)
+    jobs = [(str(out / f"train-{i:05d}-of-{count:05d}{suffix}"), i * images_per_shard,
+             paths[i * images_per_shard:(i + 1) * images_per_shard], labels[i * images_per_shard:(i + 1) * images_per_shard],
+             scan.classes if labelled else None) for i in range(count)]
+    writer = write_tar_shard if shard_format == "webdataset" else write_parquet_shard
+    workers = num_proc or min(8, os.cpu_count() or 1)
+    with ProcessPoolExecutor(workers) as pool:
+        written = list(tqdm(pool.map(writer, *zip(*jobs)), total=count, desc=f"Writing {shard_format} shards"))
+    (out / "classes.json").write_text(json.dumps(scan.classes if labelled else []))
+    return written
+
+
+def prepare_output(train_dir: str, output_dir: str) -> Path:
+    """A new or empty `output_dir`, not inside `train_dir` (shards there would be read as data next time)."""
+    out, source = Path(output_dir).resolve(), Path(train_dir).resolve()
+    if out == source or source in out.parents:
+        raise ValueError(f"--output_dir {output_dir} is inside --train_dir {train_dir}; write the shards elsewhere.")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--output_dir {output_dir} is not empty; give a new folder (nothing is overwritten).")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def member_extension(data: bytes, path: str) -> str:
+    """The extension a webdataset member gets: the image's real format (a .jpeg file is `jpg`)."""
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as image:
+            kind = (image.format or "").lower()
+    except Exception:  # unreadable files are carried as they are; training skips or names them
+        kind = ""
+    kind = {"jpeg": "jpg", "tiff": "tif"}.get(kind, kind)
+    return kind or os.path.splitext(path)[1].lower().lstrip(".") or "img"
+
+
+def write_tar_shard(path: str, start: int, files: list[str], labels: list, classes) -> str:
+    """One webdataset shard: `<key>.<ext>` image bytes (and `<key>.cls` labels); written aside, then renamed."""
+    partial = f"{path}.partial"
+    with tarfile.open(partial, "w") as tar:
+        for offset, (file, label) in enumerate(zip(files, labels)):
+            key = f"{start + offset:09d}"
+            data = Path(file).read_bytes()
+            add_member(tar, f"{key}.{member_extension(data, file)}", data)
+            if label is not None:
+                add_member(tar, f"{key}.cls", str(label).encode())
+    os.replace(partial, path)
+    return path
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_parquet_shard(path: str, start: int, files: list[str], labels: list, classes) -> str:
+    """One parquet shard with `datasets`' Image feature (bytes embedded, the file name kept) and a ClassLabel."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import ClassLabel, Features, Image
+
+    images = [{"bytes": Path(file).read_bytes(), "path": os.path.basename(file)} for file in files]
+    columns, features = {"image": images}, {"image": Image()}
+    if classes is not None:
+        columns["label"], features["label"] = labels, ClassLabel(names=classes)
+    schema = Features(features).arrow_schema
+    partial = f"{path}.partial"
+    pq.write_table(pa.Table.from_pydict(columns, schema=schema), partial)
+    os.replace(partial, path)
+    return path

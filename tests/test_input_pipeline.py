@@ -1,0 +1,117 @@
+"""The training input pipeline: folder scans, reduced-size JPEG decoding, unreadable images met during training."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import make_image_folder, write_photo
+from convnextv2_hf.training import augmentation
+from convnextv2_hf.training.augmentation import PretrainTransform, sample_generator
+from convnextv2_hf.training.data import (UnreadableImageError, UnreadableImages, decode_image, folder_dataset,
+                                         open_image_header, scan_folder)
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_reduced_jpeg_decoding_cuts_the_same_box_with_close_pixels(tmp_path, monkeypatch, orientation):
+    """A 2400x1600 photo decoded at reduced scale for a 64 px crop: the crop box drawn is the one drawn on the fully
+    decoded image, the decoded image really is smaller, and the pixels differ only by the decoders' rounding."""
+    photo = write_photo(tmp_path / "photo.jpg", size=(2400, 1600), orientation=orientation)
+    boxes, decoded_sizes = [], []
+    draw, load = augmentation.random_resized_crop_box, augmentation.load_image
+
+    def record_box(*args, **kwargs):
+        boxes.append(draw(*args, **kwargs))
+        return boxes[-1]
+
+    def record_size(*args, **kwargs):
+        decoded_sizes.append(load(*args, **kwargs).size)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(augmentation, "random_resized_crop_box", record_box)
+    monkeypatch.setattr(augmentation, "load_image", record_size)
+    transform = PretrainTransform(64, MEAN, STD)
+    full = decode_image({"path": str(photo), "bytes": None})
+    upright = (1600, 2400) if orientation == 6 else (2400, 1600)
+    assert full.size == upright
+    for index in range(6):
+        reduced = transform(open_image_header({"path": str(photo), "bytes": None}), sample_generator(0, 0, index))
+        exact = transform(full, sample_generator(0, 0, index))
+        assert boxes[-2] == boxes[-1]
+        assert decoded_sizes[-1] == upright
+        assert decoded_sizes[-2][0] <= upright[0] // 2  # decoded at 1/2 scale or smaller
+        assert (reduced - exact).abs().mean() < 0.02, index  # normalised units: about 1/255 of a pixel value
+    assert min(size[0] for size in decoded_sizes) <= upright[0] // 4
+
+
+def test_small_crops_of_small_images_are_decoded_in_full(tmp_path):
+    """A 500x375 JPEG cropped to 224 px is never decoded below full size (the crop would be upsampled)."""
+    photo = write_photo(tmp_path / "small.jpg", size=(500, 375), orientation=1)
+    transform = PretrainTransform(224, MEAN, STD)
+    full = decode_image({"path": str(photo), "bytes": None})
+    for index in range(4):
+        reduced = transform(open_image_header({"path": str(photo), "bytes": None}), sample_generator(1, 0, index))
+        assert torch.equal(reduced, transform(full, sample_generator(1, 0, index)))
+
+
+def test_scan_lists_class_folders_in_order_and_labels_them(tmp_path):
+    root = make_image_folder(tmp_path / "images", classes=("b-class", "a", "b"), per_class=3, corrupt=False)
+    (root / "a" / "notes.txt").write_text("not an image")
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "x.png").write_bytes((root / "a" / "0.png").read_bytes())
+    scan = scan_folder(root, "--train_dir")
+    assert scan.classes == ["a", "b", "b-class"] and len(scan) == 9 and len(scan.ignored) == 1
+    table = folder_dataset(scan, labelled=True)
+    paths = [row["image"]["path"] for row in table]
+    assert paths == [str(root / c / f"{i}.png") for c in ("a", "b", "b-class") for i in range(3)]
+    assert table["label"] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def rows_of(folder):
+    return folder_dataset(scan_folder(folder, "--train_dir"), labelled=True)
+
+
+def test_unreadable_images_stand_in_and_are_counted_once_across_workers(tmp_path):
+    root = make_image_folder(tmp_path / "images", per_class=4)  # cats/broken.png sorts first among cats
+    rows = rows_of(root)
+    broken = [i for i, row in enumerate(rows) if row["image"]["path"].endswith("broken.png")]
+    unreadable = UnreadableImages(len(rows), skip=True)
+
+    class Decoded(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, index):
+            row, image = unreadable.row_and_image(rows, index, "image")
+            return torch.tensor(np.asarray(image.resize((8, 8)))).float().mean()
+
+    for _ in range(2):  # two epochs: the file is met twice, counted once
+        values = list(DataLoader(Decoded(), batch_size=3, num_workers=2))
+        assert sum(len(v) for v in values) == len(rows)
+    assert unreadable.count() == len(broken) == 1
+    refuse = UnreadableImages(len(rows), skip=False)
+    with pytest.raises(UnreadableImageError, match="broken.png.*--skip_corrupt_images"):
+        refuse.row_and_image(rows, broken[0], "image")
+    assert refuse.count() is None
+
+
+def test_a_bad_image_in_a_worker_fails_in_one_line(tmp_path):
+    from convnextv2_hf.cli import one_line
+
+    rows = rows_of(make_image_folder(tmp_path / "images", per_class=2))
+    refuse = UnreadableImages(len(rows), skip=False)
+
+    class Decoded(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, index):
+            return torch.tensor(refuse.row_and_image(rows, index, "image")[1].size)
+
+    with pytest.raises(UnreadableImageError) as raised:
+        list(DataLoader(Decoded(), batch_size=2, num_workers=1))
+    assert "Traceback" in str(raised.value)
+    line = one_line(raised.value)
+    assert line.startswith("Cannot read image ") and "broken.png" in line and "Traceback" not in line

@@ -1,0 +1,143 @@
+"""Pre-training on webdataset and parquet shards: writing them, reading them streamed, sharing them out between
+processes and workers, resuming a streamed run exactly."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import (CLI, PRETRAIN, TINY_OVERRIDES as TINY, assert_one_line, launch_two_processes, make_image_folder,
+                      run_as_user)
+from convnextv2_hf.training.pretrain import main as pretrain
+from convnextv2_hf.training.shards import load_shards, write_shards
+
+SUFFIX = {"webdataset": ".tar", "parquet": ".parquet"}
+
+
+def numbered_folder(root, count=16):
+    """`count` images in two classes, image i being (40 + i) px wide: a sample's width says which image it is."""
+    for i in range(count):
+        folder = root / ("even" if i % 2 == 0 else "odd")
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.full((48, 40 + i, 3), 10 * i % 255, dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:02d}.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Both formats of the same 16 numbered images plus the messy folder, 4 images per shard."""
+    base = tmp_path_factory.mktemp("shards")
+    numbered = numbered_folder(base / "numbered")
+    messy = make_image_folder(base / "messy", per_class=6)  # 12 readable images and one corrupt file
+    for name, folder in (("numbered", numbered), ("messy", messy)):
+        for kind in SUFFIX:
+            write_shards(str(folder), str(base / f"{name}-{kind}"), kind, images_per_shard=4, num_proc=1)
+    return base
+
+
+@pytest.mark.parametrize("kind", list(SUFFIX))
+def test_written_shards_hold_every_image_once_with_its_label(shards, kind):
+    train = load_shards([str(shards / f"numbered-{kind}" / f"*{SUFFIX[kind]}")], "--train_files")["train"]
+    assert train.num_shards == 4
+    image_column, label_column = ("jpg", "cls") if kind == "webdataset" else ("image", "label")
+    widths = {row[image_column].width: row[label_column] for row in train}
+    assert widths == {40 + i: i % 2 for i in range(16)}
+    assert json.loads((shards / f"numbered-{kind}" / "classes.json").read_text()) == ["even", "odd"]
+
+
+def test_processes_and_workers_each_read_their_own_part(shards):
+    """Two processes with two data-loader workers each: every image exactly once per epoch."""
+    from datasets.distributed import split_dataset_by_node
+    from torch.utils.data import DataLoader
+
+    from convnextv2_hf.training.data import undecoded
+    from convnextv2_hf.training.masked_datasets import StreamingMaskedImageDataset, collate
+
+    train = undecoded(load_shards([str(shards / "numbered-webdataset" / "*.tar")], "--train_files")["train"], "jpg")
+    widths = []
+    for rank in range(2):
+        part = StreamingMaskedImageDataset(split_dataset_by_node(train, rank, 2), "jpg",
+                                           transform=lambda image, generator: torch.tensor(float(image.width)),
+                                           draw_mask=lambda pixels, generator: torch.zeros(1), seed=0, rank=rank,
+                                           world=2)
+        for batch in DataLoader(part, batch_size=2, num_workers=2, collate_fn=collate):
+            widths += batch["pixel_values"].int().tolist()
+    assert sorted(widths) == [40 + i for i in range(16)]
+
+
+def shard_args(source, output_dir, *extra):
+    return [*source, "--output_dir", str(output_dir), "--config_overrides", TINY, "--image_size", "32",
+            "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--num_warmup_steps", "1",
+            "--sparse_grn_scope", "sample", "--seed", "5", "--dataloader_num_workers", "2", *extra]
+
+
+def losses(output_dir):
+    return json.loads((Path(output_dir) / "train_results.json").read_text())["loss_history"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(SUFFIX))
+def test_streamed_run_resumes_at_the_sample_where_it_stopped(shards, tmp_path, kind):
+    """8 steps over shards of the messy folder (its corrupt image skipped where met), checkpointed at step 5, in
+    the middle of a pass; resumed from that checkpoint in a new folder (as after a kill), the losses of steps 6-8
+    are the uninterrupted run's."""
+    source = ["--train_files", str(shards / f"messy-{kind}" / f"*{SUFFIX[kind]}")]
+    full = tmp_path / "full"
+    pretrain(shard_args(source, full, "--max_train_steps", "8", "--checkpointing_steps", "5",
+                        "--skip_corrupt_images"))
+    kept = tmp_path / "kept" / "checkpoint-5"
+    os.renames(full / "checkpoint-5", kept)
+    saved = json.loads((kept / "training_state.json").read_text())["stream"]
+    assert len(saved) == 1 and len(saved[0]) == 3  # one process: [epoch, last row from worker 0, from worker 1]
+    resumed = tmp_path / "resumed"
+    pretrain(shard_args(source, resumed, "--max_train_steps", "8", "--skip_corrupt_images",
+                        "--resume_from_checkpoint", str(kept)))
+    expected, got = losses(full), losses(resumed)
+    assert [step for step, _ in got] == list(range(1, 9))
+    for (_, a), (_, b) in zip(expected, got):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_stream_their_own_shards_and_checkpoint_both_places(shards, tmp_path):
+    out = tmp_path / "two"
+    launch_two_processes(PRETRAIN[1], shard_args(["--train_files", str(shards / "numbered-webdataset" / "*.tar")], out,
+                                                 "--max_train_steps", "3", "--checkpointing_steps", "3"))
+    saved = json.loads((out / "checkpoint-3" / "training_state.json").read_text())["stream"]
+    # 4 shards: 2 per process, 1 per worker; 3 steps of 2 images per process take rows from both workers
+    assert len(saved) == 2 and all(len(part) == 3 and part[0] == 0 and min(part[1:]) >= 0 for part in saved)
+    assert len(losses(out)) == 3
+
+
+def test_a_folder_of_shards_as_train_dir_and_clear_errors(shards, tmp_path):
+    summary = pretrain(shard_args(["--train_dir", str(shards / "numbered-parquet")], tmp_path / "run",
+                                  "--max_train_steps", "2", "--dataloader_num_workers", "0"))
+    assert summary["completed_steps"] == 2
+    for extra, words in [
+        (["--train_files", str(tmp_path / "none-*.tar"), "--max_train_steps", "1"], ["matches no files"]),
+        (["--train_files", str(shards / "numbered-parquet" / "*.parquet")], ["--max_train_steps"]),
+        (["--train_files", str(shards / "numbered-parquet" / "*.parquet"), str(shards / "numbered-webdataset/*.tar"),
+          "--max_train_steps", "1"], ["mixes webdataset"]),
+    ]:
+        result = run_as_user([*PRETRAIN, *shard_args([], tmp_path / "o", *extra)], tmp_path, timeout=120)
+        assert_one_line(result, *words)
+
+
+def test_write_shards_command_refuses_to_overwrite(shards, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("a user's file")
+    result = run_as_user([*CLI, "write-shards", "--train_dir", str(shards / "numbered"), "--output_dir", str(out)],
+                         tmp_path, timeout=120)
+    assert_one_line(result, "not empty")
+    assert (out / "mine.txt").read_text() == "a user's file"
+    result = run_as_user([*CLI, "write-shards", "--train_dir", str(shards / "numbered"), "--output_dir",
+                          str(tmp_path / "new"), "--format", "parquet", "--images_per_shard", "5"], tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "new").glob("*.parquet")) == [
+        f"train-{i:05d}-of-00004.parquet" for i in range(4)]
