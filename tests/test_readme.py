@@ -26,6 +26,7 @@ TWINS = [  # (README text, tiny twin): sizes and steps only, never the flags' me
     ("--num_train_epochs 100", "--max_train_steps 2"),
     ("--num_train_epochs 50", "--num_train_epochs 1"),
     ("--checkpointing_steps 1000", "--checkpointing_steps 1"),
+    ("--max_train_steps 250000", "--max_train_steps 2"),
 ]
 
 

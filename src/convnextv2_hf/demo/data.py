@@ -67,7 +67,8 @@ def list_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     scan = scan_folder(root, "--train_dir")
     classes = check_class_layout(scan, "--train_dir")
     index = {name: i for i, name in enumerate(classes)}
-    return [(Path(scan.root, *parts, name), index[parts[0]]) for parts, names in scan.folders for name in names], classes
+    return [(Path(scan.root, *parts, name), index[parts[0]]) for parts, names in scan.folders
+            for name in names.to_pylist()], classes
 
 
 def prepare_data(root: Path, files, class_names: list[str], test_fraction: float, source: str, seed: int = 0):

@@ -72,8 +72,8 @@ class PretrainTransform:
         return image
 
     def normalize(self, image: PIL.Image.Image) -> torch.Tensor:
-        array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-        return (array - self.mean) / self.std
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
+        return pixels.div_(255.0).sub_(self.mean).div_(self.std)  # in place: the same values, fewer copies
 
 
 class FinetuneTransform(PretrainTransform):

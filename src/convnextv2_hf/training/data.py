@@ -44,11 +44,12 @@ class UnreadableImageError(ValueError):
 @dataclass
 class FolderScan:
     """What a local image folder holds, folder by folder: image file names (sorted) under each folder's path parts
-    below `root` (the first part is the class), ignored files, metadata files. Kept as names per folder, not an
-    object per file: a million `Path`s take seconds to build and sort and hundreds of MB to hold."""
+    below `root` (the first part is the class), ignored files, metadata files. The names of each folder are one
+    Arrow array, not a Python object per file: a million `Path`s take seconds to build and sort and hundreds of MB
+    to hold."""
 
     root: Path
-    folders: list[tuple[tuple[str, ...], list[str]]] = field(default_factory=list)
+    folders: list[tuple[tuple[str, ...], Any]] = field(default_factory=list)  # (parts, pyarrow string array)
     ignored: list[str] = field(default_factory=list)
     metadata: list[str] = field(default_factory=list)
     broken: int = 0  # links to nothing, counted among `ignored`
@@ -60,42 +61,38 @@ class FolderScan:
     def classes(self) -> list[str]:
         return sorted({parts[0] for parts, _ in self.folders if parts})
 
+    def path_chunks(self) -> list:
+        """Every image's path, one Arrow array per folder, in folder order then name order (as sorting the full paths
+        part by part would), joined in Arrow."""
+        import pyarrow.compute as pc
+
+        return [pc.binary_join_element_wise(os.path.join(self.root, *parts, ""), names, "")
+                for parts, names in self.folders]
+
     def paths(self) -> list[str]:
-        """Every image's path, in folder order then name order (as sorting the full paths part by part would)."""
-        found = []
-        for parts, names in self.folders:
-            prefix = os.path.join(self.root, *parts, "")
-            found.extend(prefix + name for name in names)
-        return found
+        return [path for chunk in self.path_chunks() for path in chunk.to_pylist()]
 
     def example(self, depth_test) -> str:
         """The first image whose folder depth passes `depth_test`, relative to `root` (for error messages)."""
         parts, names = next((parts, names) for parts, names in self.folders if depth_test(len(parts)))
-        return os.path.join(*parts, names[0])
+        return os.path.join(*parts, names[0].as_py())
 
 
 def scan_folder(root: str | os.PathLike, flag: str, ignore_metadata: bool = False) -> FolderScan:
     """List the images under `root` (any depth, following symbolic links as torchvision's `ImageFolder` does; names
     starting with "." inside `root` skipped); fail clearly on an empty folder or a metadata file the user did not ask
     for (it would make `imagefolder` read only the files it lists). Broken links are counted with the ignored files."""
+    import pyarrow as pa
+
     scan = FolderScan(Path(root))
     if not scan.root.is_dir():
         raise FileNotFoundError(f"{flag} {str(root)!r} is not a directory.")
     for parts, files, links in walk_folders(scan.root):
-        images = []
-        for name in files:
-            path = os.path.join(scan.root, *parts, name)
-            if name in links and not os.path.exists(path):
-                scan.ignored.append(path)
-                scan.broken += 1
-            elif name in METADATA_FILENAMES:
-                scan.metadata.append(path)
-            elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                images.append(name)
-            else:
-                scan.ignored.append(path)
+        images = [name for name in files if is_image_name(name)]
+        if links or len(images) < len(files):  # the rare files: named with their full path, links checked
+            images = sort_out_odd_files(scan, parts, files, links)
         if images:
-            scan.folders.append((parts, images))
+            scan.folders.append((parts, pa.array(images, pa.string())))
     if scan.metadata and not ignore_metadata:
         raise ValueError(f"{flag} holds {scan.metadata[0]}, which would restrict the data set to the files it lists; "
                          "remove it, or pass --ignore_metadata to read the folder as plain images.")
@@ -108,31 +105,57 @@ def scan_folder(root: str | os.PathLike, flag: str, ignore_metadata: bool = Fals
     return scan
 
 
-def walk_folders(root: Path):
+IMAGE_SUFFIXES = {extension.lstrip(".") for extension in IMAGE_EXTENSIONS}
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file name has an image extension (as `os.path.splitext` reads it: a stem, then `.ext`)."""
+    stem, _, suffix = name.rpartition(".")
+    return bool(stem) and suffix.lower() in IMAGE_SUFFIXES
+
+
+def sort_out_odd_files(scan: FolderScan, parts: tuple[str, ...], files: list[str], links: set[str]) -> list[str]:
+    """The images of one folder that also holds links or other files: broken links and non-image files are
+    counted as ignored, metadata files noted."""
+    images = []
+    for name in files:
+        path = os.path.join(scan.root, *parts, name)
+        if name in links and not os.path.exists(path):
+            scan.ignored.append(path)
+            scan.broken += 1
+        elif name in METADATA_FILENAMES:
+            scan.metadata.append(path)
+        elif is_image_name(name):
+            images.append(name)
+        else:
+            scan.ignored.append(path)
+    return images
+
+
+def walk_folders(root: Path, parts: tuple[str, ...] = (), seen: set | None = None):
     """Yields `(folder parts below root, sorted file names, names that are links)` for every folder under `root`,
-    sorted by parts, through linked folders too (each real folder once, so a link loop ends); hidden names inside
-    `root` are skipped. One `scandir` per folder: no per-file system call except for links."""
-    found, seen, pending = [], set(), [()]
-    while pending:
-        parts = pending.pop()
-        folder = os.path.join(root, *parts)
-        real = os.path.realpath(folder)
-        if real in seen:
-            continue
-        seen.add(real)
-        files, links = [], set()
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir():
-                    pending.append((*parts, entry.name))
-                else:
-                    files.append(entry.name)
-                    if entry.is_symlink():
-                        links.add(entry.name)
-        found.append((parts, sorted(files), links))
-    return sorted(found, key=lambda item: item[0])
+    in the order of sorted parts (depth first, sub-folders sorted), through linked folders too (each real folder
+    once, so a link loop ends); hidden names inside `root` are skipped. One `scandir` per folder, no per-file system
+    call except for links, and one folder's names held at a time."""
+    seen = set() if seen is None else seen
+    real = os.path.realpath(os.path.join(root, *parts))
+    if real in seen:
+        return
+    seen.add(real)
+    files, links, subfolders = [], set(), []
+    with os.scandir(real) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                subfolders.append(entry.name)
+            else:
+                files.append(entry.name)
+                if entry.is_symlink():
+                    links.add(entry.name)
+    yield parts, sorted(files), links
+    for name in sorted(subfolders):
+        yield from walk_folders(root, (*parts, name), seen)
 
 
 def check_class_layout(scan: FolderScan, flag: str) -> list[str]:
@@ -195,22 +218,25 @@ STREAMED_FOLDER_SHARDS = 1024
 
 def folder_dataset(scan: FolderScan, labelled: bool) -> Dataset:
     """A scanned folder as the `Dataset` `load_dataset("imagefolder")` would give (an undecoded `image` column;
-    with `labelled`, a `label` from the first-level folder names, sorted), built directly in Arrow: the image
-    folder builder resolves and prepares every file one by one, which grows to minutes at ImageNet scale."""
-    import numpy as np
+    with `labelled`, a `label` from the first-level folder names, sorted), built directly in Arrow, one chunk per
+    folder (never a Python object per file, never a second copy): the image folder builder resolves and prepares
+    every file one by one, which grows to minutes at ImageNet scale."""
     import pyarrow as pa
     from datasets import ClassLabel, DatasetInfo, Features
+    from datasets.fingerprint import generate_random_fingerprint
     from datasets.table import InMemoryTable
 
-    paths = pa.array(scan.paths(), pa.string())
-    columns = {"image": pa.StructArray.from_arrays([pa.nulls(len(paths), pa.binary()), paths], names=["bytes", "path"])}
-    features = {"image": Image(decode=False)}
+    images = pa.chunked_array([pa.StructArray.from_arrays([pa.nulls(len(paths), pa.binary()), paths],
+                                                          names=["bytes", "path"]) for paths in scan.path_chunks()])
+    columns, features = {"image": images}, {"image": Image(decode=False)}
     if labelled:
         index = {name: i for i, name in enumerate(scan.classes)}
-        labels = np.repeat([index[parts[0]] for parts, _ in scan.folders], [len(names) for _, names in scan.folders])
-        columns["label"] = pa.array(labels.astype(np.int64))
+        columns["label"] = pa.chunked_array([pa.repeat(pa.scalar(index[parts[0]], pa.int64()), len(names))
+                                             for parts, names in scan.folders], pa.int64())
         features["label"] = ClassLabel(names=scan.classes)
-    return Dataset(InMemoryTable(pa.table(columns)), info=DatasetInfo(features=Features(features)))
+    # A fingerprint given, not computed: datasets would hash the whole table (a second copy of it in memory).
+    return Dataset(InMemoryTable(pa.table(columns)), info=DatasetInfo(features=Features(features)),
+                   fingerprint=generate_random_fingerprint())
 
 
 # Folder names that say which split a folder holds, not what data it is (`imagenet/train`).
@@ -318,7 +344,9 @@ def load_image(image: PIL.Image.Image, reduce: float = 1.0) -> PIL.Image.Image:
         if reduce >= 2 and image.format == "JPEG":
             image.draft(None, (math.ceil(image.width / reduce), math.ceil(image.height / reduce)))
         image.load()
-        return to_rgb(PIL.ImageOps.exif_transpose(image))
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # else exif_transpose would only copy it
+            image = PIL.ImageOps.exif_transpose(image)
+        return to_rgb(image)
     except Exception as error:
         raise unreadable(getattr(image, "source", None), error) from None
 
@@ -475,8 +503,7 @@ def check_in_threads(dataset: Dataset, image_column: str, check, description: st
 
 
 def check_not_empty(dataset: Dataset | IterableDataset, split: str) -> None:
-    if isinstance(dataset, IterableDataset):
-        if next(iter(dataset.take(1)), None) is None:
-            raise ValueError(f"The {split} split is empty.")
-    elif len(dataset) == 0:
+    """A stream is not opened here: it is checked as training reads it (opening and closing a parquet stream early
+    costs a 5 s wait in `datasets`)."""
+    if not isinstance(dataset, IterableDataset) and len(dataset) == 0:
         raise ValueError(f"The {split} split is empty.")

@@ -129,10 +129,14 @@ def epoch_batches(run: FCMAERun, epoch: int, skip: int):
 
 def streamed_batches(run: FCMAERun):
     """This process's streamed batches on its device, each batch's rows noted as used (for an exact resume)."""
-    device = run.accelerator.device
-    for batch in run.train_loader:
+    device, resumed, batches = run.accelerator.device, bool(run.train_dataset.resume_after), 0
+    for batches, batch in enumerate(run.train_loader, 1):
         run.train_dataset.record(batch.pop("stream_position"))
         yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    if batches == 0 and not resumed:
+        raise ValueError(f"This process's part of the training stream holds no readable image (process "
+                         f"{run.accelerator.process_index} of {run.accelerator.num_processes}); check the data, or "
+                         "give at least as many shards as processes.")
 
 
 def stream_progress(run: FCMAERun) -> list[list[int]]:

@@ -94,7 +94,8 @@ def write_shards(train_dir: str, output_dir: str, shard_format: str = "webdatase
         check_class_layout(scan, "--train_dir")
     paths = scan.paths()
     index = {name: i for i, name in enumerate(scan.classes)}
-    labels = [index[parts[0]] for parts, names in scan.folders for _ in names] if labelled else [None] * len(paths)
+    labels = ([index[parts[0]] for parts, names in scan.folders for _ in range(len(names))] if labelled
+              else [None] * len(paths))
     out = prepare_output(train_dir, output_dir)
     suffix = ".tar" if shard_format == "webdataset" else ".parquet"
     count = -(-len(paths) // images_per_shard)
