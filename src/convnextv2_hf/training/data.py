@@ -25,6 +25,7 @@ from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
 from huggingface_hub import is_offline_mode
 
 from ..image_processing_convnextv2 import check_aspect_ratio, to_rgb
+from .shards import load_shards, sharded_source
 
 logger = logging.getLogger(__name__)
 
@@ -187,8 +188,6 @@ def load_image_dataset(args, labelled: bool = False, streaming: bool = False, to
 
     Returns `(dataset, ignored)`: the `DatasetDict` and the number of non-image files skipped in local folders.
     """
-    from .shards import load_shards, sharded_source
-
     if args.dataset_name is None and args.train_dir is None and not getattr(args, "train_files", None):
         raise ValueError("Pass --dataset_name (a Hub dataset), --train_dir (a folder of images or of shards) or "
                          "--train_files (webdataset or parquet shards).")
@@ -399,12 +398,19 @@ class UnreadableImages:
             try:
                 return row, use(open_image_header(row[image_column], self.max_pixels))
             except UnreadableImageError as error:
-                if not self.skip:
-                    raise
-                if not self.flags[current]:
-                    self.flags[current] = 1
-                    logger.warning("Skipping: %s", error)
+                self.met(error, current)
         raise UnreadableImageError(f"None of the {len(dataset)} training images can be read.")
+
+    def met(self, error: UnreadableImageError, index: int | None = None) -> None:
+        """An unreadable image met in training: raise `error` without `skip`; else log it, the first time for a
+        data set's `index` (a stream has no index: every time)."""
+        if not self.skip:
+            raise error
+        if index is not None and self.flags is not None:
+            if self.flags[index]:
+                return
+            self.flags[index] = 1
+        logger.warning("Skipping: %s", error)
 
     def count(self, accelerator=None) -> int | None:
         """Unreadable images met so far (over all processes, with an `accelerator`); None without `skip` or a size."""
@@ -414,33 +420,29 @@ class UnreadableImages:
         return int((flags > 0).sum())
 
 
-def drop_unreadable(dataset: Dataset | IterableDataset, image_column: str, max_pixels: int = MAX_IMAGE_PIXELS,
-                    processed: bool = False):
-    """Filter out undecodable images (with `processed`, also those the image processor would refuse), naming each
-    in a warning; returns (dataset, number dropped, or None when streaming)."""
-    decode = decode_for_processor if processed else decode_image
+def drop_unreadable(dataset: Dataset, image_column: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Dataset, int]:
+    """Filter out the images that cannot be decoded or that the image processor would refuse, naming each in a
+    warning; returns (dataset, number dropped)."""
 
     def readable(row) -> bool:
         try:
-            decode(row[image_column], max_pixels)
+            decode_for_processor(row[image_column], max_pixels)
         except UnreadableImageError as error:
             logger.warning("Skipping: %s", error)
             return False
         return True
 
-    if isinstance(dataset, IterableDataset):
-        return dataset.filter(readable), None
     processes = min(os.cpu_count() or 1, 8) if len(dataset) >= 10_000 else None  # decoding is CPU-bound
     kept = dataset.filter(readable, desc="Checking images", load_from_cache_file=False, num_proc=processes)
     return kept, len(dataset) - len(kept)
 
 
 def checked_evaluation_split(split: Dataset, image_column: str, data_args) -> tuple[Dataset, int]:
-    """The evaluation images, all decoded once before training (in parallel, once per machine) so that a file the
-    image processor cannot take fails now, not after hours of training; with `--skip_corrupt_images` such files are
-    dropped instead. Returns the split and the number dropped."""
+    """The evaluation images, all decoded once before training (in parallel) so that a file the image processor
+    cannot take fails now, not after hours of training (a pass is remembered once per machine); with
+    `--skip_corrupt_images` such files are dropped instead. Returns the split and the number dropped."""
     if data_args.skip_corrupt_images:
-        return drop_unreadable(split, image_column, data_args.max_image_pixels, processed=True)
+        return drop_unreadable(split, image_column, data_args.max_image_pixels)
     check_readable(split, image_column, data_args.max_image_pixels)
     return split, 0
 

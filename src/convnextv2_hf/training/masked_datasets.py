@@ -6,15 +6,11 @@ a resumed run, or the same global batch split over several processes, sees exact
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch.utils.data import Dataset as TorchDataset, IterableDataset as TorchIterableDataset, Sampler, get_worker_info
 
 from .augmentation import sample_generator
 from .data import MAX_IMAGE_PIXELS, UnreadableImageError, UnreadableImages, decode_image, open_image_header
-
-logger = logging.getLogger(__name__)
 
 SHUFFLE_BUFFER = 1000  # rows; with ~1,000-image shards and shard order shuffled too, as webdataset users do
 
@@ -115,9 +111,7 @@ class StreamingMaskedImageDataset(MaskedRows, TorchIterableDataset):
             try:
                 sample = self.masked_sample(open_image_header(row[self.image_column], self.max_pixels), generator)
             except UnreadableImageError as error:
-                if not self.unreadable.skip:
-                    raise
-                logger.warning("Skipping: %s", error)
+                self.unreadable.met(error)
                 continue
             yield sample | {"stream_position": torch.tensor([worker, position])}
 

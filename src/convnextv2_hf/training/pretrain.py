@@ -29,10 +29,10 @@ from .fcmae_engine import FCMAERun, TrainingPlan, TrainingState, resume, train
 from .masked_datasets import EpochSampler, EvaluationMaskedDataset, MaskedImageDataset, StreamingMaskedImageDataset, collate
 from .models import build_fcmae
 from .optim import param_groups
-from .shards import sharded_source
 from .output_dir import check_output_dir, checkpoint_bytes, claim_output_dir
 from .recipes import PRETRAIN_RECIPES, PRETRAIN_TOTAL_BATCH, apply_recipe, card_lines
 from .reporting import CardInfo, inherited, save_curves, save_model_card, save_reconstruction_grid
+from .shards import sharded_source
 
 logger = logging.getLogger(__name__)
 
