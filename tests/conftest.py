@@ -108,9 +108,19 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--
           "--dynamo_backend", "no"]
 
 
-def launch_two_processes(script, args, timeout: int = 300) -> subprocess.CompletedProcess:
+# FSDP2 with each ConvNeXt V2 block a shard unit and sharded checkpoints, as the README's command; on CPU processes
+# through fixtures/fsdp_on_cpu.py (Accelerate itself takes the FSDP path only on GPU-like devices).
+FSDP_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+               "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap",
+               "ConvNextV2Layer", "--fsdp_state_dict_type", "SHARDED_STATE_DICT", "--mixed_precision", "no",
+               "--dynamo_backend", "no"]
+FSDP_ON_CPU = REPO / "tests" / "fixtures" / "fsdp_on_cpu.py"
+
+
+def launch_two_processes(script, args, timeout: int = 300, launch=LAUNCH, **env) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes 2` of a script: CPU data parallelism over gloo."""
-    result = run_as_user([*LAUNCH, "--num_processes", "2", "--num_machines", "1", str(script), *args], timeout=timeout)
+    result = run_as_user([*launch, "--num_processes", "2", "--num_machines", "1", str(script), *args], timeout=timeout,
+                         **env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

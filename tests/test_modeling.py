@@ -232,3 +232,22 @@ def test_unknown_keyword_is_named_with_a_suggestion():
         make_mim()(torch.randn(1, 3, 32, 32), bool_masked_positions=None)
     with pytest.raises(TypeError, match="'lables'; did you mean 'labels'"):
         ConvNextV2ForImageClassification(tiny_config())(torch.randn(1, 3, 32, 32), lables=torch.tensor([0]))
+
+
+def test_input_embedding_is_the_stem_convolution():
+    """What transformers' input-gradient hook (adapters on a frozen stem) and Accelerate's FSDP2 (its own shard
+    unit) take as the input embedding."""
+    from convnextv2_hf import ConvNextV2Backbone
+
+    config = tiny_config(out_features=["stage4"])
+    for model_class in (ConvNextV2Model, ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling,
+                        ConvNextV2Backbone):
+        stem = model_class(config).get_input_embeddings()
+        assert isinstance(stem, torch.nn.Conv2d)
+        assert stem.weight.shape == (config.hidden_sizes[0], 3, config.patch_size, config.patch_size)
+    model = ConvNextV2ForImageClassification(config)
+    model.convnextv2.embeddings.requires_grad_(False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    model.train()(torch.randn(1, 3, 32, 32)).logits.sum().backward()
+    assert model.convnextv2.encoder.stages[0].layers[0].pwconv1.weight.grad is not None

@@ -9,8 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import TINY_OVERRIDES as TINY, launch_as_two_machines, launch_two_processes, make_image_folder
+from conftest import (FSDP_LAUNCH, FSDP_ON_CPU, TINY_OVERRIDES as TINY, launch_as_two_machines, launch_two_processes,
+                      make_image_folder)
 from convnextv2_hf.training.arguments import parse_config_overrides
 from convnextv2_hf.training.checkpoints import find_checkpoint
 from convnextv2_hf.training.pretrain import main as pretrain
@@ -94,6 +96,35 @@ def test_two_machines_over_gloo_match_one_process_and_resume(images, tmp_path):
     args[args.index("--max_train_steps") + 1] = "4"
     launch_as_two_machines(SCRIPT, [*args, "--resume_from_checkpoint", "latest"])
     assert [step for step, _ in history(two)] == [1, 2, 3, 4]
+
+
+def test_fsdp2_on_two_processes_matches_one_process_and_resumes(images, tmp_path):
+    """FSDP2 over two CPU processes (blocks as shard units, sharded checkpoints), batch 2 each: the losses and final
+    weights of one process at batch 4, and again when resumed from its sharded step-2 checkpoint."""
+    pretrain(tiny_args(images, tmp_path / "one", "--max_train_steps", "4", "--skip_corrupt_images"))
+    sharded = tmp_path / "fsdp"
+    args = tiny_args(images, sharded, "--max_train_steps", "4", "--skip_corrupt_images", "--checkpointing_steps", "2")
+    args[args.index("--per_device_train_batch_size") + 1] = "2"
+    result = launch_two_processes(FSDP_ON_CPU, [str(SCRIPT), *args], launch=FSDP_LAUNCH)
+    assert "asks for FSDP" not in result.stderr and "total batch 4" in result.stdout
+    assert {"pytorch_model_fsdp_0", "optimizer_0"} <= {p.name for p in (sharded / "checkpoint-2").iterdir()}
+    assert_same_run(tmp_path / "one", sharded)
+    resumed = launch_two_processes(FSDP_ON_CPU, [str(SCRIPT), *args, "--resume_from_checkpoint",
+                                                 str(sharded / "checkpoint-2")], launch=FSDP_LAUNCH)
+    assert "at step 2" in resumed.stdout
+    assert_same_run(tmp_path / "one", sharded)
+
+
+def assert_same_run(expected, found) -> None:
+    """Same losses step by step (their changes here are ~1e-4 a step) and same final weights."""
+    from safetensors.torch import load_file
+
+    for (step_a, a), (step_b, b) in zip(history(expected), history(found), strict=True):
+        assert step_a == step_b and a == pytest.approx(b, rel=1e-5, abs=0)
+    whole, other = load_file(Path(expected, "model.safetensors")), load_file(Path(found, "model.safetensors"))
+    assert whole.keys() == other.keys()
+    for key in whole:
+        torch.testing.assert_close(other[key], whole[key], rtol=1e-4, atol=1e-5)
 
 
 def test_kill_minus_nine_leaves_loadable_checkpoints(images, tmp_path):

@@ -309,6 +309,11 @@ class ConvNextV2PreTrainedModel(PreTrainedModel):
         elif isinstance(module, FCMAEDecoder):
             init.normal_(module.mask_token, std=0.02)
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The stem's patchify convolution, which transformers' tools (input gradients for adapters) and Accelerate's
+        FSDP2 (its own shard unit) take as the input embedding."""
+        return getattr(self, self.base_model_prefix, self).embeddings.patch_embeddings
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as transformers does; only classes transformers lacks (the FCMAE model) write their code beside it."""
         with code_in_config(self.config, ships_code=self._auto_class is not None):

@@ -106,13 +106,21 @@ def find_checkpoint(output_dir: str | os.PathLike, requested: str, marker: str =
         if not complete:
             raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint-* folder in {output_dir}.")
         found = complete[-1]
-    missing = [name for name in RESUME_STATE[marker] if not (found / name).is_file()]
+    missing = [name for name in RESUME_STATE[marker] if not holds_state(found, name)]
     if missing:
         raise FileNotFoundError(f"--resume_from_checkpoint: {found} lacks {', '.join(missing)}, so the optimizer or "
                                 "learning-rate schedule would restart from scratch; restore the file or resume from "
                                 "another checkpoint.")
     check_weight_files(found, "--resume_from_checkpoint", counters_allowed=True)
     return str(found)
+
+
+def holds_state(checkpoint: Path, name: str) -> bool:
+    """`name` (e.g. optimizer.bin) is in `checkpoint` as one file, or as Accelerate writes it under FSDP: a sharded
+    `optimizer_0/` folder or one `optimizer_0_rank<i>.bin` per process."""
+    stem, suffix = os.path.splitext(name)
+    return ((checkpoint / name).is_file() or (checkpoint / f"{stem}_0").is_dir()
+            or any(checkpoint.glob(f"{stem}_0_rank*{suffix}")))
 
 
 def check_weight_files(folder: str | os.PathLike, flag: str, counters_allowed: bool = False) -> None:

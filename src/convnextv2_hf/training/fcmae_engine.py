@@ -204,6 +204,7 @@ def save_checkpoint(run: FCMAERun, state: TrainingState) -> str:
     accelerator.wait_for_everyone()
     with failed_write_kept_out(staged, f"checkpoint-{state.completed_steps}", output_dir, PRETRAINING_MARKER):
         accelerator.save_state(str(staged))
+        accelerator.wait_for_everyone()  # each process writes its own files (RNG state, FSDP shards) before the rename
         if accelerator.is_main_process:
             Path(staged, PRETRAINING_MARKER).write_text(json.dumps(state.to_dict()))
             publish(staged, final)

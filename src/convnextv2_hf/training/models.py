@@ -147,3 +147,19 @@ def init_head_small(model, scale: float) -> None:
         torch.nn.init.trunc_normal_(model.classifier.weight, std=0.02)
         model.classifier.weight.mul_(scale)
         model.classifier.bias.zero_()
+
+
+def gathered_model(accelerator, prepared_model):
+    """The trained model as one whole module on the main process (None elsewhere). Under FSDP every process holds a
+    shard, so all of them must call this: the full weights are gathered into a new unsharded copy."""
+    from accelerate.utils import DistributedType
+
+    model = accelerator.unwrap_model(prepared_model)
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return model if accelerator.is_main_process else None
+    weights = accelerator.get_state_dict(prepared_model)
+    if not accelerator.is_main_process:
+        return None
+    whole = type(model)(model.config)
+    whole.load_state_dict(weights)
+    return whole.eval()

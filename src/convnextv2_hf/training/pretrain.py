@@ -27,7 +27,7 @@ from .augmentation import PretrainTransform
 from .checkpoints import PRETRAINING_MARKER, save_folder_atomically, save_model_and_processor
 from .fcmae_engine import FCMAERun, TrainingPlan, TrainingState, resume, train
 from .masked_datasets import EpochSampler, EvaluationMaskedDataset, MaskedImageDataset, StreamingMaskedImageDataset, collate
-from .models import build_fcmae
+from .models import build_fcmae, gathered_model
 from .optim import param_groups
 from .output_dir import check_output_dir, checkpoint_bytes, claim_output_dir
 from .recipes import PRETRAIN_RECIPES, PRETRAIN_TOTAL_BATCH, apply_recipe, card_lines
@@ -278,8 +278,8 @@ def finish(fcmae_run: FCMAERun, state: TrainingState, data: PretrainingData, pro
                "final_loss": history[-1][1] if history else None, "skipped_images": skipped,
                "ignored_files": data.ignored, "validation_loss": state.validation}
     accelerator.wait_for_everyone()
+    model = gathered_model(accelerator, fcmae_run.model)
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(fcmae_run.model)
 
         def write(folder: Path) -> None:
             save_model_and_processor(model, processor, folder)
