@@ -1,5 +1,7 @@
 """The training input pipeline: folder scans, reduced-size JPEG decoding, unreadable images met during training."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +117,54 @@ def test_a_bad_image_in_a_worker_fails_in_one_line(tmp_path):
     assert "Traceback" in str(raised.value)
     line = one_line(raised.value)
     assert line.startswith("Cannot read image ") and "broken.png" in line and "Traceback" not in line
+
+
+LIST_ON_TWO_PROCESSES = """
+import json, sys
+from pathlib import Path
+from accelerate import PartialState
+from convnextv2_hf.training import data
+from convnextv2_hf.training.arguments import DataArguments
+
+scans = []
+scan = data.scan_folder
+data.scan_folder = lambda *args, **kwargs: scans.append(args[0]) or scan(*args, **kwargs)
+state = PartialState(cpu=True)
+try:
+    splits, ignored = data.load_image_dataset(DataArguments(train_dir=sys.argv[1], validation_dir=sys.argv[2]),
+                                              labelled=True)
+    found = {name: [split.features["label"].names, list(split["image"]), list(split["label"])] for name, split in splits.items()}
+except ValueError as error:
+    found, ignored = str(error), None
+Path(sys.argv[3], f"{state.process_index}.json").write_text(json.dumps([len(scans), ignored, found]))
+"""
+
+
+def test_a_folder_is_listed_once_per_machine(tmp_path):
+    """Two processes on one machine: the first lists the folders, the second reads the same splits from the index
+    it wrote (removed afterwards); an error in the listing is raised by both."""
+    from conftest import launch_two_processes
+
+    train = make_image_folder(tmp_path / "train", classes=("a", "b", "c"), per_class=3)
+    (train / "a" / "notes.txt").write_text("not an image")
+    validation = make_image_folder(tmp_path / "validation", classes=("a", "b", "c"), per_class=2, corrupt=False)
+    script = tmp_path / "list.py"
+    script.write_text(LIST_ON_TWO_PROCESSES)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+
+    def results(*folders):
+        for old in tmp_path.glob("?.json"):
+            old.unlink()
+        launch_two_processes(script, [*map(str, folders), str(tmp_path)], TMPDIR=str(scratch))
+        return [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+
+    (scans, ignored, found), second = results(train, validation)
+    assert (scans, ignored) == (2, 1) and second == [0, ignored, found]
+    assert found["train"][0] == ["a", "b", "c"] and len(found["train"][1]) == 3 * 3 + 1  # and the corrupt file
+    assert not list(scratch.glob("convnextv2-hf-index-*"))
+    (validation / "d").mkdir()
+    (validation / "d" / "x.png").write_bytes((validation / "a").glob("*.png").__next__().read_bytes())
+    failed = results(train, validation)
+    assert [scans for scans, _, _ in failed] == [2, 0] and failed[0][2] == failed[1][2]
+    assert failed[0][2].startswith("Class mismatch")

@@ -25,6 +25,7 @@ from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
 from huggingface_hub import is_offline_mode
 
 from ..image_processing_convnextv2 import check_aspect_ratio, to_rgb
+from .per_machine import once_per_machine
 from .shards import load_shards, sharded_source
 
 logger = logging.getLogger(__name__)
@@ -195,6 +196,16 @@ def load_image_dataset(args, labelled: bool = False, streaming: bool = False, to
         return load_hub_dataset(args, streaming, token), 0
     if (source := sharded_source(args)) is not None:
         return load_shards(*source), 0
+    splits, ignored = once_per_machine(lambda: load_folders(args, labelled))
+    if streaming:
+        # in shards, so that processes and data-loader workers each read their own part
+        return IterableDatasetDict({k: v.to_iterable_dataset(num_shards=min(len(v), STREAMED_FOLDER_SHARDS))
+                                    for k, v in splits.items()}), ignored
+    return splits, ignored
+
+
+def load_folders(args, labelled: bool) -> tuple[DatasetDict, int]:
+    """`--train_dir` (and `--validation_dir`) listed and checked, as splits; and the number of non-image files."""
     scans = {"train": scan_folder(args.train_dir, "--train_dir", args.ignore_metadata)}
     if args.validation_dir is not None:
         scans["validation"] = scan_folder(args.validation_dir, "--validation_dir", args.ignore_metadata)
@@ -203,13 +214,8 @@ def load_image_dataset(args, labelled: bool = False, streaming: bool = False, to
             check_class_layout(scan, f"--{split}_dir")
         if "validation" in scans:
             check_class_folders(scans["train"], scans["validation"])
-    splits = {split: folder_dataset(scan, labelled) for split, scan in scans.items()}
-    ignored = sum(len(scan.ignored) for scan in scans.values())
-    if streaming:
-        # in shards, so that processes and data-loader workers each read their own part
-        return IterableDatasetDict({k: v.to_iterable_dataset(num_shards=min(len(v), STREAMED_FOLDER_SHARDS))
-                                    for k, v in splits.items()}), ignored
-    return DatasetDict(splits), ignored
+    splits = DatasetDict({split: folder_dataset(scan, labelled) for split, scan in scans.items()})
+    return splits, sum(len(scan.ignored) for scan in scans.values())
 
 
 STREAMED_FOLDER_SHARDS = 1024
