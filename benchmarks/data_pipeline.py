@@ -5,7 +5,8 @@ own data path (torchvision `ImageFolder` + `DataLoader`, run in an environment w
 
 - Start-up: launch to the first optimizer step (one step of a tiny model; ours also save it) at two data sizes, for
   both scripts on a folder, pre-training on webdataset and parquet shards, and a 2-process launch; the per-image
-  slope is fitted from the two sizes and extrapolated to ImageNet-1k and -22k.
+  slope is fitted from the two sizes (on the time after the imports, `first_step.py`) and extrapolated to
+  ImageNet-1k and -22k.
 - Memory of the file index (RSS growth from listing the folder), ours against `ImageFolder`'s list of samples.
 - Throughput of one data-loading worker: decode + RandomResizedCrop(224, scale 0.2-1, bicubic) + flip + normalise, on
   500x375 JPEGs and on 3000x2000 photos, ours against torchvision's transforms (the reference's `transform_train`).
@@ -29,8 +30,7 @@ TORCHVISION_PYTHON = os.environ.get("CONVNEXTV2_TEST_TORCHVISION_PYTHON", "pytho
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
 
 TORCHVISION_STARTUP = """
-import sys, time, torch
-started = time.time()
+import sys, torch
 from torchvision import datasets, transforms
 folder = datasets.ImageFolder(sys.argv[1], transforms.Compose([transforms.RandomResizedCrop(32), transforms.ToTensor()]))
 loader = torch.utils.data.DataLoader(folder, batch_size=64, shuffle=True, num_workers=int(sys.argv[2]))
@@ -39,7 +39,6 @@ images, labels = next(iter(loader))
 optimizer = torch.optim.AdamW(model.parameters())
 torch.nn.functional.cross_entropy(model(images), labels).backward()
 optimizer.step()
-print(time.time() - started)
 """
 
 INDEX_RSS = """
@@ -143,21 +142,34 @@ def photos(root: Path, size: tuple[int, int], count: int) -> list[str]:
 # --------------------------------------------------------------------------------------------- measurements
 
 
-def seconds(command: list[str]) -> float:
-    """Wall time of `command` (to its first optimizer step, and for ours the save after it)."""
-    started = time.time()
-    result = subprocess.run(command, capture_output=True, text=True, env=ENV, stdin=subprocess.DEVNULL)
-    if result.returncode != 0:
-        raise RuntimeError(f"{command[:4]}: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
-    return time.time() - started
+def seconds(command: list[str]) -> tuple[float, float]:
+    """Wall time of `command` (to its first optimizer step, and for ours the save after it), and the time from the
+    end of its imports to its first optimizer step (the slowest process's), recorded by `first_step.py`."""
+    with tempfile.TemporaryDirectory() as steps:
+        started = time.time()
+        result = subprocess.run(command, capture_output=True, text=True, env=ENV | {"FIRST_STEP_DIR": steps},
+                                stdin=subprocess.DEVNULL)
+        wall = time.time() - started
+        if result.returncode != 0:
+            raise RuntimeError(f"{command[:4]}: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+        return wall, max(float(path.read_text()) for path in Path(steps).iterdir())
+
+
+OURS_IMPORTS = "accelerate,datasets,transformers,transformers.trainer,convnextv2_hf.training.pretrain," \
+               "convnextv2_hf.training.finetune"
+TORCHVISION_IMPORTS = "torchvision,torchvision.datasets,torchvision.transforms"
 
 
 def startup_commands(folder: Path, shards: dict[str, Path], out: Path) -> dict[str, list[str]]:
+    """Each command, run through `first_step.py` (after the imports named there, timed to the first step)."""
+    timed = [str(HERE / "first_step.py"), OURS_IMPORTS]
     common = ["--config_overrides", TINY_MODEL, "--image_size", "32", "--per_device_train_batch_size", "64",
               "--overwrite_output_dir"]
-    pretrain = [str(HERE.parent / "examples/pretraining/run_fcmae.py"), *common, "--max_train_steps", "1"]
+    pretrain = [*timed, str(HERE.parent / "examples/pretraining/run_fcmae.py"), *common, "--max_train_steps", "1"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    reference = out.parent / "torchvision_startup.py"
+    reference.write_text(TORCHVISION_STARTUP)
     return {
         "run_fcmae.py, folder": [sys.executable, *pretrain, "--train_dir", str(folder), "--output_dir", str(out / "a")],
         "run_fcmae.py, folder, 2 processes": [*launch, *pretrain, "--train_dir", str(folder), "--output_dir",
@@ -166,25 +178,27 @@ def startup_commands(folder: Path, shards: dict[str, Path], out: Path) -> dict[s
                                             str(shards["webdataset"] / "*.tar"), "--output_dir", str(out / "c")],
         "run_fcmae.py, parquet shards": [sys.executable, *pretrain, "--train_files",
                                          str(shards["parquet"] / "*.parquet"), "--output_dir", str(out / "d")],
-        "run_finetune.py, folder": [sys.executable, str(HERE.parent / "examples/classification/run_finetune.py"),
+        "run_finetune.py, folder": [sys.executable, *timed, str(HERE.parent / "examples/classification/run_finetune.py"),
                                     *common, "--train_dir", str(folder), "--output_dir", str(out / "e"), "--max_steps",
                                     "1", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
                                     "--max_eval_samples", "256"],
-        "torchvision ImageFolder": [TORCHVISION_PYTHON, "-c", TORCHVISION_STARTUP, str(folder), "2"],
+        "torchvision ImageFolder": [TORCHVISION_PYTHON, str(HERE / "first_step.py"), TORCHVISION_IMPORTS,
+                                    str(reference), str(folder), "2"],
     }
 
 
-def startup_times(sizes: list[int], work: Path) -> dict[tuple[str, int], float]:
-    """(command, size) -> the best of three runs' seconds (the first also warms the page cache and runs this
-    machine's once-only checks; the best of three damps this shared machine's noise)."""
+def startup_times(sizes: list[int], work: Path, runs: int = 5) -> dict[tuple[str, int], tuple[float, float]]:
+    """(command, size) -> the best of `runs` runs' (wall seconds, seconds from imports to the first step); the first
+    run also warms the page cache and runs this machine's once-only checks, the best damps a shared machine's noise."""
     times = {}
     for size in sizes:
         folder = synthetic_folder(work / f"images-{size}", size)
         shards = {kind: synthetic_shards(folder, work / f"{kind}-{size}", kind) for kind in ("webdataset", "parquet")}
         for name, command in startup_commands(folder, shards, work / f"out-{size}").items():
-            runs = [seconds(command) for _ in range(3)]
-            times[name, size] = min(runs)
-            print(f"start-up {name} {size}: {', '.join(f'{run:.1f}' for run in runs)} s", file=sys.stderr)
+            measured = [seconds(command) for _ in range(runs)]
+            times[name, size] = tuple(min(column) for column in zip(*measured))
+            print(f"start-up {name} {size}: " + ", ".join(f"{wall:.1f} ({step:.2f})" for wall, step in measured)
+                  + " s", file=sys.stderr)
     return times
 
 
@@ -215,20 +229,26 @@ def data_section(args, common: dict) -> list[str]:
 
 def startup_table(times: dict, sizes: list[int]) -> list[str]:
     base = "torchvision ImageFolder"
-    slope = {name: (times[name, sizes[1]] - times[name, sizes[0]]) / (sizes[1] - sizes[0]) for name, _ in times}
+    slope = {name: (times[name, sizes[1]][1] - times[name, sizes[0]][1]) / (sizes[1] - sizes[0]) for name, _ in times}
     lines = [f"## Start-up as the data grow: launch to the first optimizer step ({sizes[0]:,} and {sizes[1]:,} "
              "images)", "",
              "Synthetic 64x48 JPEGs in 100 class folders, and the same images as webdataset / parquet shards of 1,000 "
-             "(`convnextv2-hf write-shards`); page cache warm, the best of three runs. Ours include a tiny model's "
+             "(`convnextv2-hf write-shards`); page cache warm, the best of five runs. Ours include a tiny model's "
              "save after the step (fine-tuning also evaluates 256 held-out images); torchvision `ImageFolder` + "
-             "`DataLoader` (2 workers) + one step of a tiny model is the reference's data path. The slope is fitted "
-             "from the two sizes; the ratio is ours over torchvision's.", "",
-             "| command | " + " | ".join(f"{size:,} images (s)" for size in sizes) + " | s per 100,000 images | "
-             "slope / torchvision | " + " | ".join(f"{name} (s)" for name in IMAGENET) + " |", "|---" * 7 + "|"]
+             "`DataLoader` (2 workers) + one step of a tiny model is the reference's data path. Wall: launch to exit. "
+             "After imports: from the end of importing torch, transformers, datasets, accelerate and our modules "
+             "(torch and torchvision for torchvision) to the first optimizer step, in the slowest process "
+             "(`benchmarks/first_step.py`): the imports cost the same at any size and jitter by more than the data "
+             "does, so the slope is fitted on this time from the two sizes; the ratio is ours over torchvision's, "
+             "and the extrapolation is the wall time at the first size plus the slope.", "",
+             "| command | " + " | ".join(f"wall, {size:,} (s)" for size in sizes) + " | " +
+             " | ".join(f"after imports, {size:,} (s)" for size in sizes) + " | s per 100,000 images | "
+             "slope / torchvision | " + " | ".join(f"{name} (s)" for name in IMAGENET) + " |", "|---" * 9 + "|"]
     for name in dict.fromkeys(name for name, _ in times):
-        at = {label: times[name, sizes[0]] + slope[name] * (n - sizes[0]) for label, n in IMAGENET.items()}
+        at = {label: times[name, sizes[0]][0] + max(slope[name], 0) * (n - sizes[0]) for label, n in IMAGENET.items()}
         ratio = slope[name] / slope[base] if slope[base] > 0 else float("nan")
-        lines.append(f"| {name} | " + " | ".join(fmt(times[name, size]) for size in sizes) +
+        lines.append(f"| {name} | " + " | ".join(fmt(times[name, size][0]) for size in sizes) + " | " +
+                     " | ".join(fmt(times[name, size][1], 2) for size in sizes) +
                      f" | {fmt(slope[name] * 1e5, 2)} | {fmt(ratio, 2)}x | " +
                      " | ".join(fmt(value, 0) for value in at.values()) + " |")
     return lines + [""]
