@@ -11,7 +11,6 @@ import runpy
 import sys
 import time
 
-import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 for module in filter(None, sys.argv[1].split(",")):

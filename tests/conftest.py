@@ -117,10 +117,19 @@ FSDP_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp",
 FSDP_ON_CPU = REPO / "tests" / "fixtures" / "fsdp_on_cpu.py"
 
 
+def free_port() -> str:
+    """A port nobody listens on now: launches of tests running side by side (pytest -n) must not meet."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 def launch_two_processes(script, args, timeout: int = 300, launch=LAUNCH, **env) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes 2` of a script: CPU data parallelism over gloo."""
-    result = run_as_user([*launch, "--num_processes", "2", "--num_machines", "1", str(script), *args], timeout=timeout,
-                         **env)
+    result = run_as_user([*launch, "--num_processes", "2", "--num_machines", "1", "--main_process_port", free_port(),
+                          str(script), *args], timeout=timeout, **env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -128,11 +137,7 @@ def launch_two_processes(script, args, timeout: int = 300, launch=LAUNCH, **env)
 def launch_as_two_machines(script, args, timeout: int = 300) -> list[str]:
     """Two `accelerate launch --num_machines 2 --machine_rank R` commands on this host, one process each, meeting at
     127.0.0.1 as two machines of a cluster would at their main machine; returns each one's stdout."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
+    port = free_port()
     machines = [subprocess.Popen(
         [*LAUNCH, "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip",
          "127.0.0.1", "--main_process_port", port, str(script), *args], env=user_env(), stdin=subprocess.DEVNULL,
