@@ -108,21 +108,26 @@ class TransformersDefaults:
 
 
 class ConvNextV2ModelChecks:
-    """What transformers' own ConvNeXt V2 tests change in the common checks: no embeddings or feed-forward chunking
-    to test, and hidden states checked as the stem plus one map per stage, the stem at 1/4."""
+    """What transformers' own ConvNeXt V2 tests change in the common checks: no token embeddings or feed-forward
+    chunking to test, and hidden states checked as the stem plus one map per stage, the stem at 1/4."""
 
     test_resize_embeddings = False
     has_attentions = False
     test_torch_exportable = True
     expected_batch = 1
 
-    @unittest.skip(reason="ConvNeXt V2 has no input embeddings (as in transformers' own ConvNeXt V2 tests)")
+    @unittest.skip(reason="ConvNeXt V2 takes pixel values only, no inputs_embeds (as in transformers' own tests)")
     def test_inputs_embeds(self):
         pass
 
-    @unittest.skip(reason="ConvNeXt V2 has no input embeddings (as in transformers' own ConvNeXt V2 tests)")
     def test_model_get_set_embeddings(self):
-        pass
+        """As transformers' vision models (ViT) check it: the input embedding is a module (the stem convolution,
+        which FSDP2 and `enable_input_require_grads` use), and there is no output embedding."""
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        for model_class in self.all_model_classes:
+            model = model_class(config)
+            self.assertIsInstance(model.get_input_embeddings(), torch.nn.Module)
+            self.assertIsNone(model.get_output_embeddings())
 
     @unittest.skip(reason="ConvNeXt V2 has no feed-forward chunking (as in transformers' own ConvNeXt V2 tests)")
     def test_feed_forward_chunking(self):

@@ -49,14 +49,20 @@ def extract_common_tests(archive: Path, tests: Path) -> None:
             tests.joinpath(name).write_bytes(tar.extractfile(member).read())
 
 
+def write_if_changed(path: Path, data: bytes) -> None:
+    """Rewrite only what differs: another pytest worker may be importing these files right now."""
+    if not path.is_file() or path.read_bytes() != data:
+        path.write_bytes(data)
+
+
 def add_standins(root: Path) -> None:
     tests = root / "tests"
     for package in (tests, tests / "exporters", tests / "generation", tests / "utils", tests / "pipelines"):
         package.mkdir(parents=True, exist_ok=True)
         (package / "__init__.py").touch()
     for target, source in STANDINS.items():
-        shutil.copyfile(HERE / "transformers_standins" / source, tests / target)
-    (tests / "utils" / "tiny_model_summary.json").write_text("{}")  # the Hub's tiny models are not used offline
+        write_if_changed(tests / target, (HERE / "transformers_standins" / source).read_bytes())
+    write_if_changed(tests / "utils" / "tiny_model_summary.json", b"{}")  # the Hub's tiny models are not used offline
     # test_pipeline_mixin imports transformers "directly" from ../src/transformers; an empty module there makes that
     # resolve to the installed package (the function returns sys.modules["transformers"]).
     (root / "src" / "transformers").mkdir(parents=True, exist_ok=True)
@@ -64,7 +70,15 @@ def add_standins(root: Path) -> None:
 
 
 def transformers_test_tree() -> tuple[Path | None, str]:
-    """(root of the test tree, "") or (None, why it could not be built)."""
+    """(root of the test tree, "") or (None, why it could not be built); one pytest worker at a time builds it."""
+    from filelock import FileLock
+
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(CACHE) + ".lock"):
+        return build_test_tree()
+
+
+def build_test_tree() -> tuple[Path | None, str]:
     if all((CACHE / "tests" / name).is_file() for name in SHIPPED):
         add_standins(CACHE)  # cheap, and keeps the stand-ins in step with this checkout
         return CACHE, ""
