@@ -141,3 +141,17 @@ def test_write_shards_command_refuses_to_overwrite(shards, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "new").glob("*.parquet")) == [
         f"train-{i:05d}-of-00004.parquet" for i in range(4)]
+
+
+@pytest.mark.parametrize("kind", list(SUFFIX))
+def test_one_image_folder_is_written_without_labels(tmp_path, kind):
+    """`images/` holding one sub-folder of photos (as pre-training folders often are) is not a class layout."""
+    numbered = numbered_folder(tmp_path / "data")
+    (numbered / "odd").rename(tmp_path / "odd")
+    write_shards(str(numbered), str(tmp_path / "shards"), kind, images_per_shard=4, num_proc=1)
+    train = load_shards([str(tmp_path / "shards" / f"*{SUFFIX[kind]}")], "--train_files")["train"]
+    image_column = "jpg" if kind == "webdataset" else "image"
+    rows = list(train)
+    assert sorted(row[image_column].width for row in rows) == [40 + i for i in range(0, 16, 2)]
+    assert all(set(row) <= {image_column, "__key__", "__url__"} for row in rows)
+    assert json.loads((tmp_path / "shards" / "classes.json").read_text()) == []

@@ -81,17 +81,16 @@ def load_shards(patterns: list[str], flag: str):
 
 def write_shards(train_dir: str, output_dir: str, shard_format: str = "webdataset", images_per_shard: int = 1000,
                  num_proc: int | None = None) -> list[str]:
-    """Write the images of `train_dir` (class sub-folders become labels) into numbered shards in `output_dir`,
-    in parallel, image bytes unchanged; returns the shard paths. Shards hold the folder's sorted order: a streaming
+    """Write the images of `train_dir` (two or more class sub-folders become labels; other layouts, one image
+    sub-folder included, are written without labels) into numbered shards in `output_dir`, in parallel, image bytes
+    unchanged; returns the shard paths. Shards hold the folder's sorted order: a streaming
     run shuffles shard order and a buffer, so keep shards small enough (about 1,000 images) to mix well."""
     from tqdm.auto import tqdm
 
-    from .data import check_class_layout, scan_folder
+    from .data import scan_folder
 
     scan = scan_folder(train_dir, "--train_dir")
-    labelled = bool(scan.classes) and all(len(parts) == 1 for parts, _ in scan.folders)
-    if labelled:
-        check_class_layout(scan, "--train_dir")
+    labelled = len(scan.classes) >= 2 and all(len(parts) == 1 for parts, _ in scan.folders)
     paths = scan.paths()
     index = {name: i for i, name in enumerate(scan.classes)}
     labels = ([index[parts[0]] for parts, names in scan.folders for _ in range(len(names))] if labelled
