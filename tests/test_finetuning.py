@@ -1,5 +1,6 @@
 """Fine-tuning script end to end, the pre-train -> fine-tune hand-off, and the recipe helpers."""
 
+import json
 
 import evaluate
 import numpy as np
@@ -8,7 +9,8 @@ import torch
 import transformers
 from PIL import Image
 
-from conftest import TINY_OVERRIDES as TINY, make_image_folder, tiny_config
+from conftest import (FINETUNE, FSDP_LAUNCH, FSDP_ON_CPU, TINY_OVERRIDES as TINY, launch_two_processes, make_image_folder,
+                      tiny_config)
 from convnextv2_hf import ConvNextV2ForImageClassification
 from convnextv2_hf.training.finetune import main as finetune
 from convnextv2_hf.training.mixup import MixupCutmixCollator
@@ -160,3 +162,31 @@ def test_evaluation_sees_the_processor_not_the_training_augmentation(images, tmp
     for index in range(3):
         expected = processor(decode_image(split[index]["image"]), return_tensors="pt")["pixel_values"][0]
         assert torch.equal(data.evaluation[index]["pixel_values"], expected)
+
+
+def test_two_processes_fine_tune_as_one_run_and_fsdp2_resumes_to_the_same_model(images, tmp_path):
+    """Two CPU processes (`accelerate launch --multi_gpu`, no CUDA) fine-tune as one run over gloo: 12 training
+    images at 2 per process make one epoch in 3 steps (two independent runs would fight over the output folder).
+    FSDP2 on the same processes, with the recipe's layer-wise decay, resumed from its sharded step-2 checkpoint,
+    ends with the same weights."""
+    from safetensors.torch import load_file
+
+    def args(out, *extra):
+        return ["--train_dir", str(images), "--output_dir", str(out), "--config_overrides", TINY, "--image_size", "32",
+                "--per_device_train_batch_size", "2", "--learning_rate", "2e-3", "--max_steps", "3", "--layer_decay",
+                "0.8", "--eval_strategy", "no", "--save_strategy", "steps", "--save_steps", "2", "--report_to", "none",
+                "--skip_corrupt_images", "--train_val_split", "0.25", "--seed", "0", *extra]
+
+    script = FINETUNE[1]
+    launch_two_processes(script, args(tmp_path / "ddp"))
+    trained = json.loads((tmp_path / "ddp" / "log_history.json").read_text())[0]
+    assert (trained["step"], trained["epoch"]) == (3, 1.0)
+    sharded = tmp_path / "fsdp"
+    launch_two_processes(FSDP_ON_CPU, [script, *args(sharded)], launch=FSDP_LAUNCH)
+    assert {"pytorch_model_fsdp_0", "optimizer_0"} <= {p.name for p in (sharded / "checkpoint-2").iterdir()}
+    launch_two_processes(FSDP_ON_CPU, [script, *args(sharded, "--resume_from_checkpoint", str(sharded / "checkpoint-2"))],
+                         launch=FSDP_LAUNCH)
+    whole, gathered = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(sharded / "model.safetensors")
+    assert whole.keys() == gathered.keys()
+    for key in whole:
+        torch.testing.assert_close(gathered[key], whole[key], rtol=1e-4, atol=1e-5)

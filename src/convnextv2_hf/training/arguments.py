@@ -205,6 +205,18 @@ def default_num_workers() -> int:
     return max(1, min(REFERENCE_NUM_WORKERS, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
+def use_cpu_processes() -> bool:
+    """Several processes but no CUDA (e.g. `accelerate launch --multi_gpu --num_processes 2` on a CPU machine):
+    run them as CPU data parallelism over gloo instead of as independent single-process runs."""
+    import os
+
+    import torch
+
+    if os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true"):
+        return True
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 REFERENCE_TRAINER_DEFAULTS = dict(
     per_device_train_batch_size=64, num_train_epochs=100, learning_rate=None, weight_decay=0.05,
     lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": 1e-6}, label_smoothing_factor=0.1,

@@ -24,13 +24,12 @@ from ..hub import ensure_hub_available, push_folder_to_hub
 from ..metrics import metric_path
 from . import data as data_utils
 from .arguments import (REFERENCE_TRAINER_DEFAULTS, DataArguments, FinetuningArguments, ModelArguments,
-                        check_trainer_arguments, default_num_workers, parse_marking_given)
+                        check_trainer_arguments, default_num_workers, parse_marking_given, use_cpu_processes)
 from .augmentation import FinetuneTransform, SeededAugmentedDataset
 from .checkpoints import (TRAINER_MARKER, check_same_model, find_checkpoint, save_folder_atomically,
                           save_model_and_processor)
 from .mixup import MixupCutmixCollator
-from .models import init_head_small, load_classifier, training_processor
-from .optim import create_optimizer
+from .models import gathered_model, init_head_small, load_classifier, training_processor
 from .recipes import FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, apply_recipe, card_lines
 from .output_dir import check_output_dir, checkpoint_bytes, claim_output_dir
 from .reporting import CardInfo, accuracy_eval_results, inherited, save_curves, save_model_card
@@ -64,8 +63,10 @@ class LabelledData:
 def parse_args(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, FinetuningArguments, TrainingArguments),
                               description="Fine-tune a ConvNeXt V2 image classifier with the Trainer.")
-    # Workers restart each epoch (not persistent): they then see the epoch that seeds the augmentation.
-    parser.set_defaults(**REFERENCE_TRAINER_DEFAULTS, dataloader_num_workers=default_num_workers())
+    # Workers restart each epoch (not persistent): they then see the epoch that seeds the augmentation. Several
+    # processes without CUDA train together over gloo, not as independent runs that each think they are the first.
+    parser.set_defaults(**REFERENCE_TRAINER_DEFAULTS, dataloader_num_workers=default_num_workers(),
+                        use_cpu=use_cpu_processes())
     return parse_marking_given(parser, argv)
 
 
@@ -112,8 +113,9 @@ def finetune(model_args, data_args, recipe, training_args, resume: str | None, p
     attach_transforms(data, processor, model_args, recipe, data_args, training_args.seed)
     trainer = build_trainer(model, data, recipe, training_args)
     metrics = train_and_evaluate(trainer, resume, data)
+    model = gathered_model(trainer.accelerator, trainer.model)  # all processes: under FSDP each holds a shard
     if trainer.is_world_process_zero():
-        save_outputs(trainer, processor, metrics, data, model_args, data_args, recipe, training_args)
+        save_outputs(trainer, model, processor, metrics, data, model_args, data_args, recipe, training_args)
         if push:
             push_folder_to_hub(training_args.output_dir, training_args.hub_model_id or Path(training_args.output_dir).name,
                                training_args.hub_token)
@@ -266,7 +268,7 @@ def build_trainer(model, data: LabelledData, recipe: FinetuningArguments, traini
     ema = EMACallback(model, recipe.model_ema_decay) if recipe.model_ema else None
     common = dict(model=model, args=training_args, train_dataset=data.train, eval_dataset=data.evaluation,
                   compute_metrics=compute_metrics, callbacks=[EpochCallback(data.train)] + ([ema] if ema else []),
-                  optimizers=(create_optimizer(model, training_args, recipe.layer_decay, recipe.layer_decay_type), None))
+                  layer_decay=recipe.layer_decay, layer_decay_type=recipe.layer_decay_type)
     if recipe.mixup > 0 or recipe.cutmix > 0:
         collator = MixupCutmixCollator(len(data.labels), recipe.mixup, recipe.cutmix, recipe.mixup_switch_prob,
                                        training_args.label_smoothing_factor, seed=training_args.seed)
@@ -297,20 +299,22 @@ def train_and_evaluate(trainer, resume: str | None, data: LabelledData) -> dict:
     return metrics
 
 
-def save_outputs(trainer, processor, metrics, data: LabelledData, model_args, data_args, recipe, training_args):
-    """The pipeline-ready folder: model, processor, EMA copy, curves, card, results and log history."""
+def save_outputs(trainer, model, processor, metrics, data: LabelledData, model_args, data_args, recipe,
+                 training_args):
+    """The pipeline-ready folder: `model` (the trained one, whole), processor, EMA copy, curves, card, results and
+    log history."""
     output_dir, ema = training_args.output_dir, trainer.ema
 
     history = trainer.state.log_history
     smoothing = getattr(trainer.data_collator, "label_smoothing", training_args.label_smoothing_factor)
 
     def write(folder: Path) -> None:
-        save_model_and_processor(trainer.model, processor, folder)
+        save_model_and_processor(model, processor, folder)
         if ema is not None:
             save_model_and_processor(ema.ema.module, processor, folder / "ema")
         plots = save_finetuning_curves(history, str(folder))
         card = finetuning_card(metrics, data, plots, smoothing, model_args, data_args, recipe, training_args)
-        save_model_card(trainer.model, card, str(folder))
+        save_model_card(model, card, str(folder))
         with open(folder / "all_results.json", "w") as handle:
             json.dump(metrics, handle, indent=2)
         with open(folder / "log_history.json", "w") as handle:

@@ -99,7 +99,7 @@ def param_groups(
 def create_optimizer(model: nn.Module, args, layer_decay: float | None = None, layer_decay_mode: str = "single"):
     """AdamW over [`param_groups`] with the learning rate, betas, epsilon and weight decay of `TrainingArguments`.
 
-    Pass the result to `Trainer(optimizers=(optimizer, None))`; the Trainer's schedule then scales every group.
+    The fine-tuning Trainer builds it (`RecipeOptimizer`); the Trainer's schedule then scales every group.
     """
     groups = param_groups(model, args.weight_decay, layer_decay, layer_decay_mode, args.learning_rate)
     for group in groups:

@@ -22,7 +22,8 @@ from transformers import HfArgumentParser, get_scheduler
 from ..hub import ensure_hub_available, push_folder_to_hub
 from ..masking import random_masking
 from . import data as data_utils
-from .arguments import DataArguments, ModelArguments, PretrainingArguments, default_num_workers, parse_marking_given
+from .arguments import (DataArguments, ModelArguments, PretrainingArguments, default_num_workers, parse_marking_given,
+                        use_cpu_processes)
 from .augmentation import PretrainTransform
 from .checkpoints import PRETRAINING_MARKER, save_folder_atomically, save_model_and_processor
 from .fcmae_engine import FCMAERun, TrainingPlan, TrainingState, resume, train
@@ -146,14 +147,6 @@ def say_if_not_as_configured(accelerator) -> None:
             logger.warning("The Accelerate config asks for %s, but this run is %s on %d process(es) (%s): its memory "
                            "use and checkpoints are those of %s.", kind, described, accelerator.num_processes,
                            accelerator.device.type, described)
-
-
-def use_cpu_processes() -> bool:
-    """Several processes but no CUDA (e.g. `accelerate launch --multi_gpu --num_processes 2` on a CPU machine):
-    run them as CPU data parallelism over gloo instead of as independent single-process runs."""
-    if os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true"):
-        return True
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def claim_main_process_output_dir(args: PretrainingArguments, accelerator):

@@ -18,6 +18,7 @@ from .checkpoints import (STAGING_PREFIX, TRAINER_MARKER, check_finite_loss, fai
                           rotate_checkpoints, staging_folder)
 from .manifest import remove_ours
 from .mixup import MixingTrainer
+from .optim import create_optimizer
 
 EMA_WEIGHTS = "ema.safetensors"
 
@@ -100,11 +101,27 @@ class StopsOnNonFiniteLoss:
         return loss
 
 
-class FinetuningTrainer(StopsOnNonFiniteLoss, CrashSafeCheckpoints, Trainer):
+class RecipeOptimizer:
+    """The recipe's AdamW ([`create_optimizer`]: layer-wise lr decay, no weight decay on norms, biases and GRN), built
+    where the Trainer builds its optimizer: under FSDP that is after the model is sharded, and an optimizer passed
+    in is refused."""
+
+    def __init__(self, *args, layer_decay: float | None = None, layer_decay_type: str = "single", **kwargs):
+        self.layer_decay, self.layer_decay_type = layer_decay, layer_decay_type
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = create_optimizer(self.model if model is None else model, self.args, self.layer_decay,
+                                              self.layer_decay_type)
+        return self.optimizer
+
+
+class FinetuningTrainer(RecipeOptimizer, StopsOnNonFiniteLoss, CrashSafeCheckpoints, Trainer):
     pass
 
 
-class MixingFinetuningTrainer(StopsOnNonFiniteLoss, CrashSafeCheckpoints, MixingTrainer):
+class MixingFinetuningTrainer(RecipeOptimizer, StopsOnNonFiniteLoss, CrashSafeCheckpoints, MixingTrainer):
     pass
 
 
