@@ -21,7 +21,7 @@ def once_per_machine(build: Callable[[], tuple[DatasetDict, int]]) -> tuple[Data
     state = PartialState()
     if state.num_processes == 1:
         return build()
-    outcome, folder = None, None
+    outcome, folder, failure = None, None, None
     if state.is_local_main_process:
         try:
             splits, count = build()
@@ -35,7 +35,7 @@ def once_per_machine(build: Callable[[], tuple[DatasetDict, int]]) -> tuple[Data
     try:
         if mine[0] == "error":
             raise failure if state.is_local_main_process else mine[1]
-        return (splits, count) if folder else (read_splits(mine[1]), mine[2])
+        return (splits, count) if state.is_local_main_process else (read_splits(mine[1]), mine[2])
     finally:
         state.wait_for_everyone()
         if folder:

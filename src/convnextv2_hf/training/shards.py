@@ -83,8 +83,8 @@ def write_shards(train_dir: str, output_dir: str, shard_format: str = "webdatase
                  num_proc: int | None = None) -> list[str]:
     """Write the images of `train_dir` (two or more class sub-folders become labels; other layouts, one image
     sub-folder included, are written without labels) into numbered shards in `output_dir`, in parallel, image bytes
-    unchanged; returns the shard paths. Shards hold the folder's sorted order: a streaming
-    run shuffles shard order and a buffer, so keep shards small enough (about 1,000 images) to mix well."""
+    unchanged; returns the shard paths. Shards hold the folder's sorted order: a streaming run shuffles shard order
+    and a buffer, so keep shards small enough (about 1,000 images) to mix well."""
     from tqdm.auto import tqdm
 
     from .data import scan_folder
