@@ -62,6 +62,13 @@ def op_argument(name: str, magnitude: float, sign: int) -> float | int | None:
     return None
 
 
+def posterize(image: PIL.Image.Image, bits: int) -> PIL.Image.Image:
+    """Keep the `bits` high bits of every channel (0..7). At 0 bits the image turns black, as Pillow before 13 did
+    (and so the reference's runs saw, e.g. `PosterizeIncreasing` at magnitude 10); Pillow 13 refuses 0 bits."""
+    keep = ~(2 ** (8 - max(0, bits)) - 1) & 0xFF
+    return image.point([value & keep for value in range(256)] * len(image.getbands()))
+
+
 def apply_op(image: PIL.Image.Image, name: str, argument, fill: tuple[int, ...],
              resample=PIL.Image.BICUBIC) -> PIL.Image.Image:
     """One RandAugment op on an RGB image with its argument (see [`op_argument`])."""
@@ -80,7 +87,7 @@ def apply_op(image: PIL.Image.Image, name: str, argument, fill: tuple[int, ...],
                   "TranslateYRel": (1, 0, 0, 0, 1, argument * image.height)}[name]
         return image.transform(image.size, PIL.Image.AFFINE, matrix, **geometric)
     if name.startswith("Posterize"):
-        return image if argument >= 8 else PIL.ImageOps.posterize(image, argument)
+        return image if argument >= 8 else posterize(image, argument)
     if name.startswith("SolarizeAdd"):
         table = [min(255, value + argument) if value < 128 else value for value in range(256)]
         return image.point(table * len(image.getbands()))
