@@ -2,6 +2,7 @@
 conversion or export, and images a demo is pointed at stay byte-identical (issue 21's data-loss cases)."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +138,43 @@ def test_overwrite_output_dir_starts_over_without_the_earlier_runs_checkpoints(t
         assert {k: v for k, v in snapshot(out).items() if k in mine} == mine
         run_ok([*script, *args(images, out, steps[0], "4", "--resume_from_checkpoint", "latest")], tmp_path)
         assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_users_folders_named_like_our_staging_folders_are_never_touched(tmp_path):
+    """A staging name is ours only if this run created it: a user's `.tmp-save`, `.tmp-checkpoint-1`,
+    `.tmp-old-checkpoint-2` or `.tmp-<export>` is left byte-identical, and the run still succeeds."""
+    images = make_image_folder(tmp_path / "images", per_class=4, corrupt=False)
+    out = tmp_path / "out"
+    for name in (".tmp-save", ".tmp-checkpoint-1", ".tmp-old-checkpoint-2", ".tmp-checkpoint-2"):
+        (out / name).mkdir(parents=True)
+        (out / name / "notes.txt").write_text(f"mine: {name}\n")
+    mine = snapshot(out)
+    run_ok([*PRETRAIN, *pretrain_args(images, out, "--max_train_steps", "3")], tmp_path)
+    assert {k: v for k, v in snapshot(out).items() if k in mine} == mine
+    assert (out / "model.safetensors").is_file() and (out / "checkpoint-3").is_dir()
+    again = run_as_user([*PRETRAIN, *pretrain_args(images, out, "--max_train_steps", "4", "--resume_from_checkpoint",
+                                                    "latest")], tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {k: v for k, v in snapshot(out).items() if k in mine} == mine
+
+    export_dir = tmp_path / "exports"
+    export_dir.mkdir()
+    (export_dir / ".tmp-atto.safetensors").write_bytes(b"a user's file")
+    kept = snapshot(export_dir)
+    result = run_as_user([*CLI, "export", "--to", "timm", "--model_name_or_path", str(out), "--output",
+                          str(export_dir / "atto.safetensors")], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {k: v for k, v in snapshot(export_dir).items() if k in kept} == kept
+    assert (export_dir / "atto.safetensors").is_file()
+    assert sorted(p.name for p in export_dir.iterdir() if p.name.startswith(".tmp")) == [".tmp-atto.safetensors"]
+
+
+def test_a_named_pipe_with_an_image_name_is_skipped_not_opened(tmp_path):
+    """`mkfifo data/ants/zz.jpg` used to block the run forever: non-regular files are counted as ignored."""
+    images = make_image_folder(tmp_path / "images", per_class=4, corrupt=False)
+    os.mkfifo(images / "cats" / "zz.jpg")
+    os.symlink(images / "cats" / "zz.jpg", images / "dogs" / "link-to-pipe.jpg")
+    result = run_as_user([*PRETRAIN, *pretrain_args(images, tmp_path / "out", "--max_train_steps", "1")], tmp_path,
+                         timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ignoring 2 non-image file(s)" in result.stderr

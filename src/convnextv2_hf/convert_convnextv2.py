@@ -509,12 +509,11 @@ def export_checkpoint(model, layout: str, output: str | os.PathLike, timm_conv_m
         layout = "timm_conv_mlp"
     foreign = from_our_layout(state, layout)
     output = Path(output)
-    from .training.manifest import record, refuse_unless_ours, remove_ours, replace_ours
+    from .training.checkpoints import claim_staging
+    from .training.manifest import refuse_unless_ours, remove_ours, replace_ours
 
     refuse_unless_ours(output, "overwrite")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staged = output.with_name(f".tmp-{output.name}")
-    record(output.parent, staged.name)
+    staged = claim_staging(output.parent, output.name, folder=False)
     try:
         if layout.startswith("timm"):
             from safetensors.torch import save_file

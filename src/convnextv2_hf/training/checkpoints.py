@@ -7,6 +7,7 @@ after the new one is complete.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -26,19 +27,37 @@ RESUME_STATE = {TRAINER_MARKER: ("optimizer.pt", "scheduler.pt"), PRETRAINING_MA
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 
 
-def staging_folder(parent: str | os.PathLike, name: str) -> Path:
-    """`parent/.tmp-name`, recorded as ours (so a later run may clear it) and emptied; not yet created."""
-    staged = Path(parent, f"{STAGING_PREFIX}{name}")
-    record(parent, staged.name)
-    shutil.rmtree(staged, ignore_errors=True)
-    return staged
+def claim_staging(parent: str | os.PathLike, name: str, folder: bool = True) -> Path:
+    """Create `parent/.tmp-name` (a folder, or an empty file) exclusively and record it as ours. A path of that name
+    that already exists is never touched, a user's or a killed run's alike: the next free `.tmp-name-K` is taken.
+    A staging name is ours only because this call created it."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for attempt in itertools.count():
+        path = parent / f"{STAGING_PREFIX}{name}{f'-{attempt}' if attempt else ''}"
+        try:
+            path.mkdir() if folder else path.open("xb").close()
+        except FileExistsError:
+            continue
+        record(parent, path.name)
+        return path
+
+
+def shared_staging(accelerator, parent: str | os.PathLike, name: str, creator: bool) -> Path:
+    """[`claim_staging`] by the `creator` process; every process of the launch gets the same path."""
+    from accelerate.utils import broadcast_object_list
+
+    claimed = [str(claim_staging(parent, name)) if creator else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(claimed)
+    return Path(claimed[0])
 
 
 def publish(staged: str | os.PathLike, final: str | os.PathLike) -> Path:
     """Move a complete `staged` folder to `final` by renames only, replacing an older folder of that name only if
     convnextv2-hf wrote it."""
     staged, final = Path(staged), Path(final)
-    retired = staging_folder(final.parent, f"old-{final.name}")
+    retired = claim_staging(final.parent, f"old-{final.name}")
     if final.exists():
         replace_ours(final, retired)
     replace_ours(staged, final)
@@ -69,9 +88,8 @@ def failed_write_kept_out(staged: str | os.PathLike, what: str, output_dir: str 
 def save_folder_atomically(output_dir: str | os.PathLike, write, what: str, marker: str) -> None:
     """`write(staging)` writes files (a model, its processor) into a staging folder; each is then moved into
     `output_dir` by a rename, so a failed or killed save leaves the earlier files whole."""
-    staged = staging_folder(output_dir, "save")
+    staged = claim_staging(output_dir, "save")
     with failed_write_kept_out(staged, what, output_dir, marker):
-        staged.mkdir(parents=True)
         write(staged)
         for path in sorted(staged.iterdir()):
             replace_ours(path, Path(output_dir, path.name))

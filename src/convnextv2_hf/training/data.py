@@ -54,7 +54,7 @@ class FolderScan:
     folders: list[tuple[tuple[str, ...], Any]] = field(default_factory=list)  # (parts, pyarrow string array)
     ignored: list[str] = field(default_factory=list)
     metadata: list[str] = field(default_factory=list)
-    broken: int = 0  # links to nothing, counted among `ignored`
+    broken: int = 0  # links to nothing, counted among `ignored` (as are pipes, sockets and devices)
 
     def __len__(self) -> int:
         return sum(len(names) for _, names in self.folders)
@@ -117,14 +117,14 @@ def is_image_name(name: str) -> bool:
 
 
 def sort_out_odd_files(scan: FolderScan, parts: tuple[str, ...], files: list[str], links: set[str]) -> list[str]:
-    """The images of one folder that also holds links or other files: broken links and non-image files are
-    counted as ignored, metadata files noted."""
+    """The images of one folder that also holds links or other files: broken links, non-regular files (a named pipe
+    would block its reader forever) and non-image files are counted as ignored, metadata files noted."""
     images = []
     for name in files:
         path = os.path.join(scan.root, *parts, name)
-        if name in links and not os.path.exists(path):
+        if name in links and not os.path.isfile(path):  # a broken link, or a pipe, socket or device: never opened
             scan.ignored.append(path)
-            scan.broken += 1
+            scan.broken += not os.path.exists(path)
         elif name in METADATA_FILENAMES:
             scan.metadata.append(path)
         elif is_image_name(name):
@@ -135,10 +135,10 @@ def sort_out_odd_files(scan: FolderScan, parts: tuple[str, ...], files: list[str
 
 
 def walk_folders(root: Path, parts: tuple[str, ...] = (), seen: set | None = None):
-    """Yields `(folder parts below root, sorted file names, names that are links)` for every folder under `root`,
-    in the order of sorted parts (depth first, sub-folders sorted), through linked folders too (each real folder
-    once, so a link loop ends); hidden names inside `root` are skipped. One `scandir` per folder, no per-file system
-    call except for links, and one folder's names held at a time."""
+    """Yields `(folder parts below root, sorted file names, names that are links or not regular files)` for every
+    folder under `root`, in the order of sorted parts (depth first, sub-folders sorted), through linked folders too
+    (each real folder once, so a link loop ends); hidden names inside `root` are skipped. One `scandir` per folder,
+    no per-file system call except for links, and one folder's names held at a time."""
     seen = set() if seen is None else seen
     real = os.path.realpath(os.path.join(root, *parts))
     if real in seen:
@@ -153,7 +153,7 @@ def walk_folders(root: Path, parts: tuple[str, ...] = (), seen: set | None = Non
                 subfolders.append(entry.name)
             else:
                 files.append(entry.name)
-                if entry.is_symlink():
+                if entry.is_symlink() or not entry.is_file():  # links and special files are checked one by one
                     links.add(entry.name)
     yield parts, sorted(files), links
     for name in sorted(subfolders):

@@ -17,7 +17,6 @@ import torch
 
 from .checkpoints import (
     PRETRAINING_MARKER,
-    STAGING_PREFIX,
     check_finite_loss,
     check_same_model,
     checkpoint_step,
@@ -26,7 +25,7 @@ from .checkpoints import (
     publish,
     read_training_state,
     rotate_checkpoints,
-    staging_folder,
+    shared_staging,
 )
 
 logger = logging.getLogger(__name__)
@@ -196,12 +195,9 @@ def save_checkpoint(run: FCMAERun, state: TrainingState) -> str:
     """`accelerator.save_state` into a staging folder, the state JSON last, then rename; then rotate old ones."""
     accelerator, output_dir = run.accelerator, run.args.output_dir
     final = Path(output_dir, f"checkpoint-{state.completed_steps}")
-    staged = final.with_name(f"{STAGING_PREFIX}{final.name}")
     if run.sampler is None:
         state.stream = stream_progress(run)
-    if accelerator.is_main_process:
-        staging_folder(output_dir, final.name)
-    accelerator.wait_for_everyone()
+    staged = shared_staging(accelerator, output_dir, final.name, accelerator.is_main_process)
     with failed_write_kept_out(staged, f"checkpoint-{state.completed_steps}", output_dir, PRETRAINING_MARKER):
         accelerator.save_state(str(staged))
         accelerator.wait_for_everyone()  # each process writes its own files (RNG state, FSDP shards) before the rename

@@ -14,8 +14,8 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
-from .checkpoints import (STAGING_PREFIX, TRAINER_MARKER, check_finite_loss, failed_write_kept_out, publish,
-                          rotate_checkpoints, staging_folder)
+from .checkpoints import (TRAINER_MARKER, check_finite_loss, failed_write_kept_out, publish, rotate_checkpoints,
+                          shared_staging)
 from .manifest import remove_ours
 from .mixup import MixingTrainer
 from .optim import create_optimizer
@@ -62,9 +62,7 @@ class CrashSafeCheckpoints:
 
     def _save_checkpoint(self, model, trial) -> None:
         run_dir, name = self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}"
-        staging = Path(run_dir, f"{STAGING_PREFIX}trainer")
-        if self.args.should_save:
-            staging_folder(run_dir, "trainer")
+        staging = shared_staging(self.accelerator, run_dir, "trainer", self.args.should_save)
         output_dir, limit = self.args.output_dir, self.args.save_total_limit
         with failed_write_kept_out(staging, name, run_dir, TRAINER_MARKER):
             self.args.output_dir, self.args.save_total_limit = str(staging), None  # the Trainer writes here
