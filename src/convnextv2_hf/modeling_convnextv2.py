@@ -29,9 +29,9 @@ from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
 from .configuration_convnextv2 import ConvNextV2Config
-from .masking import normalize_patches, patchify, random_masking, unpatchify, upsample_mask
+from .masking import normalize_patches, num_visible_cells, patchify, random_masking, unpatchify, upsample_mask
 from .sparse_backends import get_sparse_backend
-from .sparse_ops import apply_grn, relative_response
+from .sparse_ops import apply_grn, channel_norm, relative_response
 
 # --------------------------------------------------------------------------------------------- layers
 
@@ -60,8 +60,7 @@ class ConvNextV2GRN(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        global_norm = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
-        return apply_grn(x, self.weight, self.bias, relative_response(global_norm))
+        return apply_grn(x, self.weight, self.bias, relative_response(channel_norm(x, (1, 2))))
 
 
 class ConvNextV2DropPath(nn.Module):
@@ -575,8 +574,9 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
         cell = self.mask_cell_size
         return pixel_values.shape[-2] // cell, pixel_values.shape[-1] // cell
 
-    def resolve_mask(self, pixel_values, bool_masked_pos=None, noise=None, generator=None) -> torch.Tensor:
-        """The (N, h, w) bool cell mask: the given one (per cell or per smaller patch), or one drawn at mask_ratio."""
+    def resolve_mask(self, pixel_values, bool_masked_pos=None, noise=None, generator=None, checked=False) -> torch.Tensor:
+        """The (N, h, w) bool cell mask: the given one (per cell or per smaller patch), or one drawn at mask_ratio.
+        `checked`: the caller vouches for the mask's values, which are then not read back."""
         n = pixel_values.shape[0]
         h, w = self.grid_size(pixel_values)
         if bool_masked_pos is None:
@@ -589,7 +589,7 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
         if bool_masked_pos.dtype.is_floating_point or bool_masked_pos.is_complex():
             raise ValueError(f"`bool_masked_pos` must be a bool (or 0/1 integer) tensor, got {bool_masked_pos.dtype}.")
         if bool_masked_pos.dtype != torch.bool:
-            if not torch.compiler.is_exporting() and ((bool_masked_pos != 0) & (bool_masked_pos != 1)).any():
+            if not (checked or torch.compiler.is_exporting()) and ((bool_masked_pos != 0) & (bool_masked_pos != 1)).any():
                 raise ValueError("`bool_masked_pos` must only contain 0 (visible) and 1 (masked).")
             bool_masked_pos = bool_masked_pos.bool()
         if bool_masked_pos.dim() not in (2, 3) or bool_masked_pos.shape[0] != n:
@@ -600,17 +600,29 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
                                                  tuple(pixel_values.shape[-2:]))
         return bool_masked_pos.to(pixel_values.device).reshape(n, h, w)
 
-    def check_mask(self, mask: torch.Tensor) -> None:
-        if torch.compiler.is_exporting():  # value checks cannot be traced; eager runs raise the same errors
-            return
-        flat = mask.flatten(1)
-        if (~flat).sum(1).eq(0).any():
+    def visible_cells(self, mask: torch.Tensor, bool_masked_pos, visible_cells_per_image: int | None) -> int | None:
+        """Check the mask and return its visible cells per image when every image has as many (else None).
+
+        Drawn here or vouched for by the caller (`visible_cells_per_image`, e.g. the FCMAE collator, which checked the
+        masks on the host): the count is known without looking at the mask, so nothing waits for the device. A mask
+        given without a count is read once (one device sync) to check it and count its cells."""
+        cells = mask[0].numel()
+        known = num_visible_cells(cells, self.config.mask_ratio) if bool_masked_pos is None else visible_cells_per_image
+        if known is None and torch.compiler.is_exporting():  # value checks cannot be traced
+            return None
+        if known is None:
+            visible = (~mask.flatten(1)).sum(1)
+            fewest, most = torch.stack([visible.min(), visible.max()]).tolist()
+        else:
+            fewest = most = known
+        if fewest <= 0:
             raise ValueError(
-                f"Every image needs at least one visible mask cell; got a mask of {flat.shape[1]} cells with none "
+                f"Every image needs at least one visible mask cell; got a mask of {cells} cells with none "
                 "visible (images too small for the mask cell, or a fully masked `bool_masked_pos`)."
             )
-        if not flat.any():
+        if fewest >= cells:
             raise ValueError("The mask hides no cell, but the FCMAE loss is only defined on masked cells.")
+        return fewest if fewest == most and self.config.mask_strategy != "mixmae" else None
 
     def mask_sources(self, pixel_values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The images the sparse encoder sees with their masks: the input, or (MixMAE) the input and its partner,
@@ -621,11 +633,12 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
             raise ValueError("mask_strategy='mixmae' mixes each image with the batch-flipped one: use a batch of 2 or more.")
         return torch.cat([pixel_values, pixel_values.flip(0)]), torch.cat([mask, ~mask])
 
-    def forward_encoder(self, sources: torch.Tensor, masks: torch.Tensor, output_hidden_states: bool = False):
+    def forward_encoder(self, sources: torch.Tensor, masks: torch.Tensor, output_hidden_states: bool = False,
+                        visible_per_image: int | None = None):
         """Sparse encoding of the visible cells: the last stage's map (zero at masked cells) and the hidden states."""
         backend = get_sparse_backend(self.config.sparse_backend)
         return backend.encode(self.convnextv2, sources, masks, grn_scope=self.config.sparse_grn_scope,
-                              output_hidden_states=output_hidden_states)
+                              output_hidden_states=output_hidden_states, visible_per_image=visible_per_image)
 
     def forward_decoder(self, encoded: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """One pixel prediction per cell, `(N, num_cells, cell * cell * num_channels)`."""
@@ -648,6 +661,7 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
         noise: torch.Tensor | None = None,
         output_hidden_states: bool | int | list[int] | None = None,
         generator: torch.Generator | None = None,
+        visible_cells_per_image: int | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ConvNextV2MaskedImageModelingOutput:
         r"""
@@ -663,15 +677,22 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
                 Also return the sparse encoder's stem and stage outputs (all, or those at the given indices).
             generator (`torch.Generator`, *optional*):
                 Random generator for drawing the mask (on the CPU) when neither a mask nor noise is given.
+            visible_cells_per_image (`int`, *optional*):
+                With `bool_masked_pos`: the number of visible cells in every image of it, when the caller drew or
+                checked the mask (the FCMAE collator does). The mask is then not read back to be checked, so the
+                forward and backward passes never wait for the GPU and compile to static shapes.
         """
-        check_kwargs(self, kwargs, ("pixel_values", "bool_masked_pos", "noise", "output_hidden_states", "generator"))
+        check_kwargs(self, kwargs, ("pixel_values", "bool_masked_pos", "noise", "output_hidden_states", "generator",
+                                    "visible_cells_per_image"))
         check_pixel_values(pixel_values, self.config, self.convnextv2.embeddings.patch_embeddings.weight.dtype, True)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        mask = self.resolve_mask(pixel_values, bool_masked_pos, noise, generator)
-        self.check_mask(mask)
+        vouched = visible_cells_per_image if bool_masked_pos is not None else None
+        mask = self.resolve_mask(pixel_values, bool_masked_pos, noise, generator, checked=vouched is not None)
+        per_image = self.visible_cells(mask, bool_masked_pos, vouched)
         sources, masks = self.mask_sources(pixel_values, mask)
-        encoded, hidden_states = self.forward_encoder(sources, masks, capture_requested(output_hidden_states))
+        encoded, hidden_states = self.forward_encoder(sources, masks, capture_requested(output_hidden_states),
+                                                      per_image)
         logits = self.forward_decoder(encoded, masks)
         loss = self.forward_loss(sources, logits, masks)
         return self.build_output(pixel_values, mask, loss, logits, hidden_states, output_hidden_states)

@@ -53,6 +53,7 @@ class SparseEncoderBackend:
     """
 
     name = "abstract"
+    per_image: int | None = None
 
     def encode(
         self,
@@ -61,12 +62,16 @@ class SparseEncoderBackend:
         mask: torch.Tensor,
         grn_scope: str = "batch",
         output_hidden_states: bool = False,
+        visible_per_image: int | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Return the last stage's map (N, C, h, w), zero at masked cells, and optionally every stage's map.
 
         `model` is a [`ConvNextV2Model`]; `mask` is the (N, h, w) bool cell mask, `True` = masked. Returned hidden
         states lie on the path to the output, so gradients of anything computed from the output reach them.
+        `visible_per_image`: the number of visible cells, when every image has that many (sites are then found by
+        arithmetic, without waiting for the device).
         """
+        self.per_image = visible_per_image
         visible = ~mask
         features, sites = self.embed(model.embeddings, pixel_values, visible)
         hidden_states = []
@@ -160,12 +165,12 @@ class GatherScatterBackend(SparseEncoderBackend):
 
     def embed(self, embeddings, pixel_values, visible):
         stem = embeddings(pixel_values).permute(0, 2, 3, 1)
-        sites = SiteIndex(visible, tuple(stem.shape[1:3]))
+        sites = SiteIndex(visible, tuple(stem.shape[1:3]), self.per_image)
         return sites.gather(stem), sites
 
     def downsample(self, layers, features, sites, visible):
         norm, conv = layers
-        coarse = SiteIndex(visible, (sites.size[0] // 2, sites.size[1] // 2))
+        coarse = SiteIndex(visible, (sites.size[0] // 2, sites.size[1] // 2), self.per_image)
         rows = F.layer_norm(features, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         patches = rows.index_select(0, coarse.children(sites).reshape(-1)).reshape(-1, 4 * rows.shape[1])
         kernel = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
@@ -178,7 +183,7 @@ class GatherScatterBackend(SparseEncoderBackend):
             conv_rows = checkpoint(depthwise_conv_rows, layer.dwconv, features, sites, use_reentrant=False)
         else:
             conv_rows = depthwise_conv_rows(layer.dwconv, features, sites)
-        return block_rows(layer, features, conv_rows, sites.sample, sites.batch_size, grn_scope)
+        return block_rows(layer, features, conv_rows, sites.sample, sites.batch_size, grn_scope, sites.rows_per_image)
 
     def to_map(self, features, sites):
         return sites.scatter(features).permute(0, 3, 1, 2)
@@ -229,11 +234,11 @@ class MinkowskiBackend(SparseEncoderBackend):
             ) from None
         self.ME = ME
 
-    def encode(self, model, pixel_values, mask, grn_scope="batch", output_hidden_states=False):
+    def encode(self, model, pixel_values, mask, grn_scope="batch", output_hidden_states=False, visible_per_image=None):
         if torch.compiler.is_exporting():
             raise RuntimeError("sparse_backend='minkowski' cannot be exported; set config.sparse_backend='gather' "
                                "(same numbers) before torch.export.")
-        return super().encode(model, pixel_values, mask, grn_scope, output_hidden_states)
+        return super().encode(model, pixel_values, mask, grn_scope, output_hidden_states, visible_per_image)
 
     def run_block(self, layer, features, sites, grn_scope):
         if checkpointing(layer):

@@ -20,8 +20,14 @@ def relative_response(global_norm: torch.Tensor) -> torch.Tensor:
 
 
 def apply_grn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relative: torch.Tensor) -> torch.Tensor:
-    """`gamma * (x * N) + beta + x` for channels-last `x`, fused into one pass: `x * (gamma * N + 1) + beta`."""
-    return torch.addcmul(bias, x, weight * relative + 1)
+    """`gamma * (x * N) + beta + x` for channels-last `x`, fused into one pass: `x * (gamma * N + 1) + beta`.
+    The statistics (`relative`, fp32 under autocast) meet `x` in its own dtype, so activations stay bf16."""
+    return torch.addcmul(bias.to(x.dtype), x, (weight * relative + 1).to(x.dtype))
+
+
+def channel_norm(x: torch.Tensor, dim) -> torch.Tensor:
+    """L2 norm over `dim` in fp32: a bf16 or fp16 sum of squares over thousands of sites loses digits or overflows."""
+    return torch.linalg.vector_norm(x, ord=2, dim=dim, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 def sparse_grn(grn: nn.Module, x: torch.Tensor, scope: str) -> torch.Tensor:
@@ -33,19 +39,25 @@ def sparse_grn(grn: nn.Module, x: torch.Tensor, scope: str) -> torch.Tensor:
     if not hasattr(grn, "weight"):  # GRN disabled (use_grn=False)
         return x
     dims = (0, 1, 2) if scope == "batch" else (1, 2)
-    global_norm = torch.linalg.vector_norm(x, ord=2, dim=dims, keepdim=True)
-    return apply_grn(x, grn.weight, grn.bias, relative_response(global_norm))
+    return apply_grn(x, grn.weight, grn.bias, relative_response(channel_norm(x, dims)))
 
 
-def sparse_grn_rows(grn: nn.Module, rows: torch.Tensor, sample: torch.Tensor, batch_size: int, scope: str) -> torch.Tensor:
-    """GRN on packed visible rows (V, C); `sample` gives each row's image. Norm per image or over all rows."""
+def sparse_grn_rows(grn: nn.Module, rows: torch.Tensor, sample: torch.Tensor, batch_size: int, scope: str,
+                    rows_per_image: int | None = None) -> torch.Tensor:
+    """GRN on packed visible rows (V, C); `sample` gives each row's image. Norm per image or over all rows.
+
+    With `rows_per_image` (rows grouped by image, equally many each) the per-image norm is a reshape and a
+    reduction: deterministic and without atomics; otherwise the squares are summed by `index_add` (in fp32)."""
     if not hasattr(grn, "weight"):
         return rows
     weight, bias = grn.weight.reshape(1, -1), grn.bias.reshape(1, -1)
     if scope == "batch":
-        relative = relative_response(torch.linalg.vector_norm(rows, ord=2, dim=0, keepdim=True))
+        relative = relative_response(channel_norm(rows, 0))
+    elif rows_per_image is not None:
+        per_image = relative_response(channel_norm(rows.view(batch_size, rows_per_image, -1), 1))
+        return apply_grn(rows.view(batch_size, rows_per_image, -1), weight, bias, per_image).view_as(rows)
     else:
-        squares = rows.new_zeros(batch_size, rows.shape[1]).index_add(0, sample, rows * rows)
+        squares = rows.new_zeros(batch_size, rows.shape[1], dtype=torch.float32).index_add(0, sample, rows.float() ** 2)
         # `tiny` keeps the gradient of sqrt finite for a channel that is zero in every row of a sample
         global_norm = (squares + torch.finfo(squares.dtype).tiny).sqrt()
         relative = relative_response(global_norm).index_select(0, sample)
@@ -62,14 +74,38 @@ def scatter_to_grid(rows: torch.Tensor, flat: torch.Tensor, batch_size: int, siz
 
 
 class SiteIndex:
-    """The visible sites of one stage: flat indices into (N * H * W) in raster order, and each row's sample."""
+    """The visible sites of one stage: flat indices into (N * H * W), and each row's sample.
 
-    def __init__(self, visible: torch.Tensor, size: tuple[int, int]):
-        n = visible.shape[0]
-        self.batch_size, self.size = n, size
-        full = upsample_mask(visible, size).reshape(-1)
-        self.flat = full.nonzero().squeeze(1)
-        self.sample = torch.div(self.flat, size[0] * size[1], rounding_mode="floor")
+    With `per_image` (the number of visible mask cells, equal in every image, as FCMAE draws them) the sites are
+    found by arithmetic, with shapes known in advance: no `nonzero`, so building them never waits for the GPU, and
+    `torch.compile` sees static shapes. Rows are then grouped by image, cell by cell (visible cells in raster order,
+    each cell's sites in raster order). Without it, `nonzero` finds them in raster order (masks with other counts).
+    """
+
+    def __init__(self, visible: torch.Tensor, size: tuple[int, int], per_image: int | None = None):
+        n, h, w = visible.shape
+        self.batch_size, self.size, self.per_image = n, size, per_image
+        self.scale = (size[0] // h, size[1] // w)
+        device = visible.device
+        if per_image is None:
+            self.flat = upsample_mask(visible, size).reshape(-1).nonzero().squeeze(1)
+            self.sample = torch.div(self.flat, size[0] * size[1], rounding_mode="floor")
+            return
+        # visible cells first, each image's in raster order (a stable sort of the 0/1 masked flags)
+        cells = torch.argsort((~visible).reshape(n, h * w).to(torch.uint8), dim=1, stable=True)[:, :per_image]
+        sy, sx = self.scale
+        dy = torch.arange(sy, device=device).view(sy, 1)
+        dx = torch.arange(sx, device=device).view(1, sx)
+        y = (cells // w).view(n, per_image, 1, 1) * sy + dy
+        x = (cells % w).view(n, per_image, 1, 1) * sx + dx
+        image = torch.arange(n, device=device).view(n, 1, 1, 1)
+        self.flat = (image * (size[0] * size[1]) + y * size[1] + x).reshape(-1)
+        self.sample = image.view(n, 1).expand(n, self.rows_per_image).reshape(-1)
+
+    @property
+    def rows_per_image(self) -> int | None:
+        """Rows of each image when all images have as many (`per_image` given), else None."""
+        return None if self.per_image is None else self.per_image * self.scale[0] * self.scale[1]
 
     @property
     def num_sites(self) -> int:
@@ -91,12 +127,25 @@ class SiteIndex:
     def children(self, finer: "SiteIndex") -> torch.Tensor:
         """Row indices in `finer` of the 2x2 children of each site here, shape (V, 4), order (0,0) (0,1) (1,0) (1,1)."""
         fine_h, fine_w = finer.size
-        row_of = torch.full((finer.num_sites,), -1, dtype=torch.long, device=self.flat.device)
-        row_of[finer.flat] = torch.arange(finer.flat.numel(), device=self.flat.device)
+        device = self.flat.device
+        if self.per_image is not None and finer.per_image == self.per_image:
+            # both stages list cell by cell: a site (cell, dy, dx) has children (cell, 2dy + a, 2dx + b)
+            (sy, sx), (fy, fx) = self.scale, finer.scale
+            cell = torch.arange(self.batch_size * self.per_image, device=device).view(-1, 1, 1)
+            dy = torch.arange(sy, device=device).view(1, sy, 1)
+            dx = torch.arange(sx, device=device).view(1, 1, sx)
+            first = cell * (fy * fx) + (2 * dy) * fx + 2 * dx
+            return first.reshape(-1, 1) + window_offsets(fx, device)
+        row_of = torch.full((finer.num_sites,), -1, dtype=torch.long, device=device)
+        row_of[finer.flat] = torch.arange(finer.flat.numel(), device=device)
         sample, y, x = self.coordinates()
         base = sample * (fine_h * fine_w) + (2 * y) * fine_w + 2 * x
-        offsets = torch.tensor([0, 1, fine_w, fine_w + 1], device=base.device)
-        return row_of[base[:, None] + offsets]
+        return row_of[base[:, None] + window_offsets(fine_w, device)]
+
+
+def window_offsets(width: int, device) -> torch.Tensor:
+    """(1, 4) offsets of a 2x2 window's cells from its top-left one in a raster of `width` columns."""
+    return (torch.arange(2, device=device).view(2, 1) * width + torch.arange(2, device=device)).view(1, 4)
 
 
 # --------------------------------------------------------------------------------------------- per-row ops
@@ -112,10 +161,10 @@ def drop_path_rows(drop_path: nn.Module, rows: torch.Tensor, sample: torch.Tenso
 
 
 def block_rows(layer: nn.Module, rows: torch.Tensor, conv_rows: torch.Tensor, sample: torch.Tensor,
-               batch_size: int, scope: str) -> torch.Tensor:
+               batch_size: int, scope: str, rows_per_image: int | None = None) -> torch.Tensor:
     """The per-site part of a ConvNeXt V2 block on packed rows, given the depthwise conv output `conv_rows`."""
     y = layer.act(layer.pwconv1(layer.layernorm(conv_rows)))
-    y = layer.pwconv2(sparse_grn_rows(layer.grn, y, sample, batch_size, scope))
+    y = layer.pwconv2(sparse_grn_rows(layer.grn, y, sample, batch_size, scope, rows_per_image))
     return rows + drop_path_rows(layer.drop_path, y, sample, batch_size)
 
 

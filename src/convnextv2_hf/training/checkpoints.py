@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -186,19 +187,21 @@ def check_weight(tensor, key: str, file: Path, flag: str, counters_allowed: bool
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; nothing of that step was applied to the weights."""
+    """Training produced a NaN or infinite loss; no checkpoint or model from that step on was written."""
 
 
 def check_finite_loss(loss, step: int, output_dir: str | os.PathLike, marker: str) -> None:
-    """Stop before a NaN or infinite `loss` (a tensor, gathered over processes) reaches the weights."""
-    if bool(loss.isfinite().all()):
+    """Stop at a NaN or infinite `loss` (a number, or a tensor gathered over processes) of `step` (counted from 1),
+    before anything trained on it is saved."""
+    if bool(loss.isfinite().all()) if hasattr(loss, "isfinite") else math.isfinite(loss):
         return
+    value = float(loss.max()) if hasattr(loss, "max") else loss
     try:
         latest = find_checkpoint(output_dir, "latest", marker)
     except FileNotFoundError:
         latest = "none was written yet"
     raise NonFiniteLossError(
-        f"The loss became {loss.max().item()} at step {step + 1}; training stopped before applying it (newest "
+        f"The loss became {value} at step {step}; training stopped and nothing from that step on was saved (newest "
         f"checkpoint: {latest}). Check the images for NaN/Inf pixels, or lower the learning rate."
     )
 

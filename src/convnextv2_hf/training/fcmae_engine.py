@@ -131,7 +131,8 @@ def streamed_batches(run: FCMAERun):
     device, resumed, batches = run.accelerator.device, bool(run.train_dataset.resume_after), 0
     for batches, batch in enumerate(run.train_loader, 1):
         run.train_dataset.record(batch.pop("stream_position"))
-        yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        yield {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+               for key, value in batch.items()}
     if batches == 0 and not resumed:
         raise ValueError(f"This process's part of the training stream holds no readable image (process "
                          f"{run.accelerator.process_index} of {run.accelerator.num_processes}); check the data, or "
@@ -145,50 +146,69 @@ def stream_progress(run: FCMAERun) -> list[list[int]]:
 
 
 def train_one_epoch(run: FCMAERun, epoch: int, state: TrainingState, skip: int = 0) -> None:
-    """Optimizer steps over one epoch (or until the plan's last step), logging and checkpointing as asked."""
-    accelerator, running, seen = run.accelerator, 0.0, 0
+    """Optimizer steps over one epoch (or until the plan's last step), logging and checkpointing as asked.
+
+    Nothing here waits for the GPU: each step's loss stays on the device until a logging step, a checkpoint or the
+    epoch's end reads the steps since the last read at once (and stops on a non-finite one before anything is
+    saved)."""
+    accelerator, running, seen, pending = run.accelerator, None, 0, []
     run.model.train()
     for batch in epoch_batches(run, epoch, skip):
         with accelerator.accumulate(run.model):
             loss = run.model(**batch).loss
-            gathered = accelerator.gather(loss.detach().float().reshape(1))
-            check_finite_loss(gathered, state.completed_steps, run.args.output_dir, PRETRAINING_MARKER)
             accelerator.backward(loss)
             run.optimizer.step()
             run.scheduler.step()
             run.optimizer.zero_grad()
-        running, seen = running + gathered.mean().item(), seen + 1
+        gathered = accelerator.gather(loss.detach().float().reshape(1)).mean()
+        running, seen = gathered if running is None else running + gathered, seen + 1
         if not accelerator.sync_gradients:
             continue
         state.completed_steps += 1
-        step_loss, running, seen = running / seen, 0.0, 0
-        state.history.append([state.completed_steps, step_loss])
-        after_step(run, state, step_loss)
+        pending.append(running / seen)
+        running, seen = None, 0
+        after_step(run, state, pending)
         if state.completed_steps >= run.plan.max_train_steps:
             break
+    read_losses(run, state, pending)
 
 
-def after_step(run: FCMAERun, state: TrainingState, step_loss: float) -> None:
+def after_step(run: FCMAERun, state: TrainingState, pending: list) -> None:
     if run.progress is not None:
         run.progress.update(1)
-        run.progress.set_postfix(loss=f"{step_loss:.4f}")
-    if run.args.with_tracking and state.completed_steps % run.args.logging_steps == 0:
-        run.accelerator.log({"train_loss": step_loss, "lr": run.scheduler.get_last_lr()[0]}, step=state.completed_steps)
     every = run.plan.checkpoint_every
-    if isinstance(every, int) and state.completed_steps % every == 0:
+    checkpoint_now = isinstance(every, int) and state.completed_steps % every == 0
+    if checkpoint_now or state.completed_steps % run.args.logging_steps == 0:
+        read_losses(run, state, pending)
+    if checkpoint_now:
         save_checkpoint(run, state)
+
+
+def read_losses(run: FCMAERun, state: TrainingState, pending: list) -> None:
+    """Bring the losses of the steps since the last read to the host (one wait for the device), stop on a
+    non-finite one, record them in the history, the progress bar and the tracker."""
+    if not pending:
+        return
+    first = state.completed_steps - len(pending) + 1
+    values = torch.stack(pending).tolist()
+    pending.clear()
+    for step, value in enumerate(values, first):
+        check_finite_loss(value, step, run.args.output_dir, PRETRAINING_MARKER)
+        state.history.append([step, value])
+        if run.args.with_tracking and step % run.args.logging_steps == 0:
+            run.accelerator.log({"train_loss": value, "lr": run.scheduler.get_last_lr()[0]}, step=step)
+    if run.progress is not None:
+        run.progress.set_postfix(loss=f"{values[-1]:.4f}")
 
 
 @torch.no_grad()
 def evaluate(run: FCMAERun) -> float:
     """Mean masked-reconstruction loss over the validation split (fixed masks, center crops)."""
     run.model.eval()
-    total, batches = 0.0, 0
-    for batch in run.eval_loader:
-        total += run.accelerator.gather(run.model(**batch).loss.detach().float().reshape(1)).mean().item()
-        batches += 1
+    losses = [run.accelerator.gather(run.model(**batch).loss.detach().float().reshape(1)).mean()
+              for batch in run.eval_loader]
     run.model.train()
-    return total / max(batches, 1)
+    return torch.stack(losses).mean().item() if losses else 0.0
 
 
 def save_checkpoint(run: FCMAERun, state: TrainingState) -> str:

@@ -141,5 +141,21 @@ class EvaluationMaskedDataset(MaskedRows, TorchDataset):
 
 
 def collate(examples):
-    """Stacks each key of the samples (`stream_position` too, when streaming)."""
-    return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
+    """Stacks each key of the samples (`stream_position` too, when streaming). FCMAE masks are checked here, on the
+    host, and their visible-cell count goes with the batch (`visible_cells_per_image`), so the model never reads
+    the mask back from the GPU."""
+    batch = {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
+    if "bool_masked_pos" in batch:
+        count = equal_visible_cells(batch["bool_masked_pos"])
+        if count is not None:
+            batch["visible_cells_per_image"] = count
+    return batch
+
+
+def equal_visible_cells(masks: torch.Tensor) -> int | None:
+    """The visible cells of every (flat or 2-D) bool mask in `masks` when all have as many, with at least one cell
+    visible and one masked; otherwise None (the model then checks the masks itself and says what is wrong)."""
+    flat = masks.reshape(masks.shape[0], -1)
+    visible = (~flat.bool()).sum(1)
+    fewest, most = int(visible.min()), int(visible.max())
+    return fewest if fewest == most and 0 < fewest < flat.shape[1] else None

@@ -94,7 +94,7 @@ class StopsOnNonFiniteLoss:
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        check_finite_loss(self.accelerator.gather(loss.detach().float().reshape(1)), self.state.global_step,
+        check_finite_loss(self.accelerator.gather(loss.detach().float().reshape(1)), self.state.global_step + 1,
                           self.args.output_dir, TRAINER_MARKER)
         return loss
 
