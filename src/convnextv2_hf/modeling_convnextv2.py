@@ -612,7 +612,7 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
             return None
         if known is None:
             visible = (~mask.flatten(1)).sum(1)
-            fewest, most = torch.stack([visible.min(), visible.max()]).tolist()
+            fewest, most = (int(bound) for bound in torch.aminmax(visible))
         else:
             fewest = most = known
         if fewest <= 0:

@@ -233,7 +233,7 @@ def save_checkpoint(run: FCMAERun, state: TrainingState) -> str:
 def resume(run: FCMAERun, requested: str) -> TrainingState:
     """Load the weights, optimizer, scheduler and RNG states of a checkpoint; returns its training state."""
     path = find_checkpoint(run.args.output_dir, requested)
-    check_same_model(path, run.accelerator.unwrap_model(run.model))
+    check_same_model(path, run.accelerator.unwrap_model(run.model, keep_torch_compile=False))
     run.accelerator.load_state(path)
     saved = read_training_state(path)
     state = TrainingState(saved["completed_steps"], saved["history"], saved.get("validation", []), saved.get("stream"))

@@ -24,7 +24,9 @@ from ..hub import ensure_hub_available, push_folder_to_hub
 from ..metrics import metric_path
 from . import data as data_utils
 from .arguments import (REFERENCE_TRAINER_DEFAULTS, DataArguments, FinetuningArguments, ModelArguments,
-                        check_trainer_arguments, default_num_workers, parse_marking_given, use_cpu_processes)
+                        check_trainer_arguments, default_num_workers, flag_given, parse_marking_given,
+                        use_cpu_processes)
+from .device_settings import finetuning_precision, trainer_precision_line, use_device_settings
 from .augmentation import FinetuneTransform, SeededAugmentedDataset
 from .checkpoints import (TRAINER_MARKER, check_same_model, find_checkpoint, save_folder_atomically,
                           save_model_and_processor)
@@ -85,6 +87,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: Finetuning
                                              training_args.world_size, "fine-tuning", model_args, recipe,
                                              training_args)
     check_trainer_arguments(training_args)
+    use_device_settings(recipe.deterministic)
+    finetuning_precision(training_args, lambda name: flag_given(training_args, name))
+    check_ema_placement(recipe, training_args)
     push = training_args.push_to_hub
     if push:  # fail before any work; the Trainer's own push is replaced by ours (model, processor, card)
         ensure_hub_available("push the fine-tuned model (--push_to_hub)", training_args.hub_token)
@@ -120,6 +125,13 @@ def finetune(model_args, data_args, recipe, training_args, resume: str | None, p
             push_folder_to_hub(training_args.output_dir, training_args.hub_model_id or Path(training_args.output_dir).name,
                                training_args.hub_token)
     return metrics
+
+
+def check_ema_placement(recipe: FinetuningArguments, training_args) -> None:
+    """The EMA follows the model to its device; a sharded (FSDP) model has no whole copy to average."""
+    if recipe.model_ema and (training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")):
+        raise ValueError("--model_ema cannot be combined with FSDP (each process holds only a shard of the weights); "
+                         "fine-tune with DDP (no --fsdp) for an EMA, or drop --model_ema.")
 
 
 def claim_and_resolve_output_dir(training_args, recipe: FinetuningArguments):
@@ -357,6 +369,7 @@ def finetuning_card(metrics, data: LabelledData, plots, smoothing, model_args, d
                 "layer-wise lr decay": f"{recipe.layer_decay} ({recipe.layer_decay_type})",
                 "drop path": str(recipe.drop_path_rate), "label smoothing": str(smoothing),
                 "mixup / cutmix": f"{recipe.mixup} / {recipe.cutmix}", "EMA": str(recipe.model_ema),
+                "precision": trainer_precision_line(training_args),
                 "RandAugment": recipe.aa, "random erasing": f"{recipe.reprob} ({recipe.remode}, {recipe.recount}x)",
                 "image size": str(model_args.image_size)} | card_lines(getattr(recipe, "applied_recipe", None)),
         results={k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in metrics.items()

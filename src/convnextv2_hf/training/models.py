@@ -154,7 +154,7 @@ def gathered_model(accelerator, prepared_model):
     shard, so all of them must call this: the full weights are gathered into a new unsharded copy."""
     from accelerate.utils import DistributedType
 
-    model = accelerator.unwrap_model(prepared_model)
+    model = accelerator.unwrap_model(prepared_model, keep_torch_compile=False)
     if accelerator.distributed_type != DistributedType.FSDP:
         return model if accelerator.is_main_process else None
     weights = accelerator.get_state_dict(prepared_model)

@@ -26,6 +26,7 @@ from .arguments import (DataArguments, ModelArguments, PretrainingArguments, def
                         use_cpu_processes)
 from .augmentation import PretrainTransform
 from .checkpoints import PRETRAINING_MARKER, save_folder_atomically, save_model_and_processor
+from .device_settings import default_mixed_precision, use_device_settings
 from .fcmae_engine import FCMAERun, TrainingPlan, TrainingState, resume, train
 from .masked_datasets import EpochSampler, EvaluationMaskedDataset, MaskedImageDataset, StreamingMaskedImageDataset, collate
 from .models import build_fcmae, gathered_model
@@ -122,14 +123,22 @@ def check_streamed_checkpoints(args: PretrainingArguments) -> None:
 
 
 def build_accelerator(args: PretrainingArguments):
+    """Accelerate's accelerator: bf16 by default on CUDA, batches copied to the GPU without blocking, the model
+    compiled by inductor with `--torch_compile` (one graph, static shapes: the step never recompiles)."""
     from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin
 
+    use_device_settings(args.deterministic)
+    compiled = TorchDynamoPlugin(backend="inductor", mode=args.torch_compile_mode or "default", fullgraph=True,
+                                 dynamic=False) if args.torch_compile else None
     accelerator = Accelerator(
         cpu=use_cpu_processes(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+        mixed_precision=default_mixed_precision(args.mixed_precision),
         log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
+        dynamo_plugin=compiled,
     )
     say_if_not_as_configured(accelerator)
     return accelerator
@@ -246,16 +255,27 @@ def train_loader_for(data: PretrainingData, transform, draw_mask, data_args, arg
     return dataset, sampler, loader
 
 
+def precision_line(accelerator, args: PretrainingArguments) -> str:
+    """What the run computed in, said in the log and on the card."""
+    precision = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[accelerator.mixed_precision]
+    if precision == "fp32" and accelerator.device.type == "cuda":
+        precision += " (TF32 matrix products)"
+    extras = [word for word, on in (("compiled", args.torch_compile), ("deterministic", args.deterministic)) if on]
+    return f"{precision} on {accelerator.device.type}" + (f", {', '.join(extras)}" if extras else "")
+
+
 def start_reporting(fcmae_run: FCMAERun, state: TrainingState, processor) -> None:
     from tqdm.auto import tqdm
 
     accelerator, args, plan = fcmae_run.accelerator, fcmae_run.args, fcmae_run.plan
     if args.with_tracking:
         accelerator.init_trackers("fcmae", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-    model = accelerator.unwrap_model(fcmae_run.model)
+    model = accelerator.unwrap_model(fcmae_run.model, keep_torch_compile=False)
+    args.precision = precision_line(accelerator, args)  # for the card too
     accelerator.print(
         f"FCMAE pre-training: {model.num_parameters() / 1e6:.2f} M parameters, {plan.max_train_steps} steps, total "
-        f"batch {plan.total_batch}, lr {plan.learning_rate:.2e}, mask ratio {model.config.mask_ratio}"
+        f"batch {plan.total_batch}, lr {plan.learning_rate:.2e}, mask ratio {model.config.mask_ratio}, "
+        f"{args.precision}"
     )
     fcmae_run.progress = tqdm(range(plan.max_train_steps), initial=state.completed_steps,
                               disable=not accelerator.is_local_main_process, desc="FCMAE pre-training")
@@ -334,6 +354,7 @@ def write_report(model, processor, state: TrainingState, data, plan: TrainingPla
                 "optimizer": f"AdamW ({args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay}",
                 "mask ratio": str(config.mask_ratio), "image size": str(model_args.image_size),
                 "norm_pix_loss": str(config.norm_pix_loss),
+                "precision": args.precision,
                 "augmentation": f"RandomResizedCrop(scale {args.crop_min_scale}-1.0) + horizontal flip"}
                | card_lines(getattr(args, "applied_recipe", None)),
         results=results, plots={"Pre-training loss": "loss_curve.png",

@@ -32,6 +32,13 @@ class EMACallback(TrainerCallback):
 
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """The Trainer moves the model to its device after this callback was made: the average follows it there,
+        so each update is a few fused device ops instead of a copy of every weight to the CPU."""
+        device = next(model.parameters()).device
+        if next(self.ema.parameters()).device != device:
+            self.ema.to(device)
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.ema.update_parameters(model)
 
