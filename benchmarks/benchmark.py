@@ -4,6 +4,7 @@
     python benchmarks/benchmark.py --device cuda --bf16    # GPU with bf16 autocast
     python benchmarks/benchmark.py --sections recipe_cost --output benchmarks/results-cpu-recipe-cost.md
     python benchmarks/benchmark.py --sections data --output benchmarks/results-cpu-data.md    # see data_pipeline.py
+    python benchmarks/benchmark.py --device cuda --sections gpu --output benchmarks/results-cuda.md  # see gpu_step.py
 
 Every figure is the median over `--repeats` timed runs after `--warmup` runs. Each configuration runs in a fresh
 subprocess. Peak memory is measured in one more process per configuration, over one training step (the first, so
@@ -29,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from data_pipeline import data_section  # noqa: E402
+from gpu_step import gpu_section  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -272,7 +274,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    parser.add_argument("--sections", nargs="+", default=DEFAULT_SECTIONS, choices=list(SECTIONS))
+    parser.add_argument("--quick", action="store_true", help="gpu section: tiny sizes on the CPU (the test suite's run)")
     parser.add_argument("--data_sizes", nargs=2, type=int, default=[10_000, 100_000])
     parser.add_argument("--output", default=None, help="markdown file (default benchmarks/results-<device>.md)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -462,7 +465,8 @@ def recipe_cost_section(args, common: dict) -> list[str]:
 
 SECTIONS = {"train": train_section, "sweep": sweep_section, "checkpointing": checkpointing_section,
             "mixmae": mixmae_section, "inference": inference_section, "recipe_cost": recipe_cost_section,
-            "data": data_section}
+            "data": data_section, "gpu": gpu_section}
+DEFAULT_SECTIONS = [name for name in SECTIONS if name != "gpu"]  # gpu: `--device cuda --sections gpu`, or --quick
 
 
 def main() -> None:

@@ -1,6 +1,8 @@
 """What a GPU training step needs, checked on the CPU: no op that waits for the device in the FCMAE step, a compiled
 step that is the eager step (and never recompiles), deterministic runs, the EMA on the model's device."""
 
+import sys
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -186,3 +188,17 @@ def test_precision_defaults_bf16_on_cuda_and_fp32_elsewhere(monkeypatch):
     kept = TrainingArguments(output_dir="unused", report_to="none")
     device_settings.finetuning_precision(kept, lambda name: name == "bf16")  # --bf16 false given
     assert not kept.bf16 and kept.mixed_precision == "no"
+
+
+def test_the_cuda_benchmark_section_runs_in_quick_mode(tmp_path):
+    """`benchmark.py --sections gpu --quick`: the GPU section's code on the CPU, so it cannot rot between GPU runs."""
+    from conftest import REPO, run_as_user
+
+    report = tmp_path / "quick.md"
+    result = run_as_user([sys.executable, str(REPO / "benchmarks" / "benchmark.py"), "--sections", "gpu", "--quick",
+                          "--output", str(report)], tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in report.read_text().splitlines() if line.startswith("| quick 4 |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["dense", "gather"]
+    assert all(row.rstrip(" |").endswith("0 / -") for row in rows), rows  # no sync in forward and backward
+    assert "EMA update" in report.read_text() and "transformers" in report.read_text()
