@@ -259,3 +259,14 @@ def test_processor_inputs_that_used_to_be_misread():
             processor(bad)
     with pytest.raises(ValueError, match="aspect ratio beyond 64:1"):
         processor(Image.new("RGB", (60000, 1)))
+
+
+def test_a_resume_on_another_number_of_processes_is_refused(tmp_path):
+    """Two processes' checkpoint resumed by one used to run on, following neither learning-rate schedule."""
+    from convnextv2_hf.training.fcmae_engine import check_same_processes
+
+    for rank in range(2):
+        (tmp_path / f"random_states_{rank}.pkl").write_bytes(b"")
+    check_same_processes(str(tmp_path), 2)
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\), this run has 1.*--num_processes 2"):
+        check_same_processes(str(tmp_path), 1)

@@ -234,6 +234,7 @@ def resume(run: FCMAERun, requested: str) -> TrainingState:
     """Load the weights, optimizer, scheduler and RNG states of a checkpoint; returns its training state."""
     path = find_checkpoint(run.args.output_dir, requested)
     check_same_model(path, run.accelerator.unwrap_model(run.model, keep_torch_compile=False))
+    check_same_processes(path, run.accelerator.num_processes)
     run.accelerator.load_state(path)
     saved = read_training_state(path)
     state = TrainingState(saved["completed_steps"], saved["history"], saved.get("validation", []), saved.get("stream"))
@@ -241,6 +242,16 @@ def resume(run: FCMAERun, requested: str) -> TrainingState:
         resume_stream(run, state)
     run.accelerator.print(f"Resumed from {path} at step {state.completed_steps} (checkpoint-{checkpoint_step(path)})")
     return state
+
+
+def check_same_processes(checkpoint: str, processes: int) -> None:
+    """A run resumes on as many processes as wrote its checkpoint (one RNG state file each): on another number the
+    batches per step, and with them the data order and the learning-rate schedule, would follow neither run."""
+    saved = len(list(Path(checkpoint).glob("random_states_*.pkl")))
+    if saved and saved != processes:
+        raise ValueError(f"--resume_from_checkpoint {checkpoint} was written by {saved} process(es), this run has "
+                         f"{processes}; resume with the same number of processes (accelerate launch --num_processes "
+                         f"{saved}), or start a new --output_dir.")
 
 
 def resume_stream(run: FCMAERun, state: TrainingState) -> None:
