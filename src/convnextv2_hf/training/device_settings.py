@@ -42,11 +42,14 @@ def finetuning_precision(training_args, given) -> None:
         training_args.bf16, training_args.mixed_precision = True, "bf16"
 
 
-def trainer_precision_line(training_args) -> str:
-    """What a fine-tuning run computed in, for the log and the card."""
-    device = "cuda" if torch.cuda.is_available() and not training_args.use_cpu else "cpu"
-    precision = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(training_args.mixed_precision,
-                                                                                     training_args.mixed_precision)
-    if precision == "fp32" and device == "cuda":
+def precision_description(mixed_precision: str, device_type: str) -> str:
+    """What a run computed in, for the log and the card, e.g. `bf16 autocast on cuda`."""
+    precision = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(mixed_precision, mixed_precision)
+    if precision == "fp32" and device_type == "cuda":
         precision += " (TF32 matrix products)"
-    return f"{precision} on {device}"
+    return f"{precision} on {device_type}"
+
+
+def trainer_precision_line(training_args) -> str:
+    device = "cuda" if torch.cuda.is_available() and not training_args.use_cpu else "cpu"
+    return precision_description(training_args.mixed_precision, device)

@@ -26,7 +26,7 @@ from .arguments import (DataArguments, ModelArguments, PretrainingArguments, def
                         use_cpu_processes)
 from .augmentation import PretrainTransform
 from .checkpoints import PRETRAINING_MARKER, save_folder_atomically, save_model_and_processor
-from .device_settings import default_mixed_precision, use_device_settings
+from .device_settings import default_mixed_precision, precision_description, use_device_settings
 from .fcmae_engine import FCMAERun, TrainingPlan, TrainingState, resume, train
 from .masked_datasets import EpochSampler, EvaluationMaskedDataset, MaskedImageDataset, StreamingMaskedImageDataset, collate
 from .models import build_fcmae, gathered_model
@@ -257,11 +257,9 @@ def train_loader_for(data: PretrainingData, transform, draw_mask, data_args, arg
 
 def precision_line(accelerator, args: PretrainingArguments) -> str:
     """What the run computed in, said in the log and on the card."""
-    precision = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[accelerator.mixed_precision]
-    if precision == "fp32" and accelerator.device.type == "cuda":
-        precision += " (TF32 matrix products)"
     extras = [word for word, on in (("compiled", args.torch_compile), ("deterministic", args.deterministic)) if on]
-    return f"{precision} on {accelerator.device.type}" + (f", {', '.join(extras)}" if extras else "")
+    return (precision_description(accelerator.mixed_precision, accelerator.device.type)
+            + (f", {', '.join(extras)}" if extras else ""))
 
 
 def start_reporting(fcmae_run: FCMAERun, state: TrainingState, processor) -> None:
