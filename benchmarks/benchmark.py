@@ -276,6 +276,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sections", nargs="+", default=DEFAULT_SECTIONS, choices=list(SECTIONS))
     parser.add_argument("--quick", action="store_true", help="gpu section: tiny sizes on the CPU (the test suite's run)")
+    parser.add_argument("--gpu_presets", nargs="+", default=["tiny", "base"], help="gpu section: model sizes")
+    parser.add_argument("--gpu_batches", nargs="+", type=int, default=[64, 256], help="gpu section: images per GPU")
+    parser.add_argument("--gpu_time_budget", type=float, default=300,
+                        help="gpu section: seconds for its training steps; compiled configurations left then are skipped")
+    parser.add_argument("--data_tables", nargs="+", default=["startup", "memory", "throughput"],
+                        choices=["startup", "memory", "throughput"], help="data section: which tables")
     parser.add_argument("--data_sizes", nargs=2, type=int, default=[10_000, 100_000])
     parser.add_argument("--output", default=None, help="markdown file (default benchmarks/results-<device>.md)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -1,13 +1,16 @@
 """The GPU section of the benchmark: the FCMAE training step as users run it on a GPU.
 
     python benchmarks/benchmark.py --device cuda --sections gpu --output benchmarks/results-cuda.md   # < 6 min, H200
+    python benchmarks/benchmark.py --device cuda --sections gpu --gpu_presets tiny --gpu_time_budget 600  # all tiny rows
     python benchmarks/benchmark.py --sections gpu --quick        # the same code on the CPU, tiny sizes (test suite)
 
 Dense and gather backends x eager and compiled (inductor, fullgraph, static shapes) x tiny and base x 64 and 256
 images per GPU, bf16 autocast and fused AdamW: images per second, peak memory, host syncs per step
 (`torch.cuda.set_sync_debug_mode`; on the CPU, the aten ops that would sync), then the fine-tuning EMA update, the
 host-to-device copy of a batch (uint8 vs float32) and inference against transformers and timm. Everything runs in
-one process; each configuration starts from fresh memory statistics.
+one process; each configuration starts from fresh memory statistics. Compiling base takes about 95 s on an H200,
+so all 16 configurations take about 15 minutes; `--gpu_time_budget` (default 300 s) caps the training steps and the
+report lists the configurations it left out.
 """
 
 from __future__ import annotations
@@ -72,8 +75,9 @@ def training_batch(batch_size: int, image_size: int, cell: int, device: str, mas
             for key, value in batch.items()}
 
 
-def count_syncs(step, device: str) -> int:
-    """Host syncs in one call of `step`: CUDA's own count where there is CUDA, else the syncing aten ops."""
+def count_syncs(step, device: str) -> tuple[int, list[str]]:
+    """Host syncs in one call of `step` and where they come from: CUDA's own warnings where there is CUDA (each
+    names the Python line that asked), else the aten ops that would sync."""
     import torch
 
     if device == "cuda":
@@ -84,12 +88,13 @@ def count_syncs(step, device: str) -> int:
                 step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        return sum("synchroniz" in str(w.message) for w in caught)
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        return len(syncs), sorted({f"{'/'.join(Path(w.filename).parts[-3:])}:{w.lineno}" for w in syncs})
     from test_gpu_readiness import SyncCounter
 
     with SyncCounter() as counter:
         step()
-    return len(counter.seen)
+    return len(counter.seen), sorted(set(map(str, counter.seen)))
 
 
 def step_job(preset: str, batch_size: int, backend: str, compiled: bool, plan: dict, device: str) -> dict:
@@ -115,24 +120,62 @@ def step_job(preset: str, batch_size: int, backend: str, compiled: bool, plan: d
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    step()  # the first step compiles
+    synchronise(device)
+    first_step_s = time.perf_counter() - start
     seconds = median_seconds(step, device, plan["warmup"], plan["repeats"])
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     # CUDA counts the whole step (fused AdamW never syncs); on the CPU forward and backward, since the CPU AdamW's
     # step counters are read on the host by design, and a dispatch mode stops dynamo
-    syncs = count_syncs(step, device) if device == "cuda" else None if compiled else count_syncs(forward_backward, device)
-    return {"images_per_s": batch_size / seconds, "peak_gib": peak, "syncs": syncs}
+    syncs, sites = (count_syncs(step, device) if device == "cuda" else (None, []) if compiled
+                    else count_syncs(forward_backward, device))
+    return {"images_per_s": batch_size / seconds, "peak_gib": peak, "syncs": syncs, "sync_sites": sites,
+            "first_step_s": first_step_s}
 
 
-def ema_job(preset: str, plan: dict, device: str) -> float:
-    """Milliseconds of one EMA update of a classifier on `device` (the fine-tuning `--model_ema`)."""
+def run_steps(rows: list[tuple], plan: dict, device: str, budget_s: float) -> dict:
+    """Each training-step configuration in turn, eager ones first; one that fails is recorded with its error, and
+    one that would end past `budget_s` (if it takes as long as the longest so far: compiling is what takes the
+    time) is recorded as not run."""
     import torch
+    from tqdm.auto import tqdm
+
+    presets = sorted({row[0] for row in rows}, key=[row[0] for row in rows].index)
+    # eager first (quick), then the compiled ones with the largest model first: the goals are about base
+    order = sorted(rows, key=lambda row: (row[3], -presets.index(row[0]) if row[3] else 0, row[2] != "gather", -row[1]))
+    start, longest, results = time.perf_counter(), 0.0, {}
+    for row in tqdm(order, desc="GPU section: training steps"):
+        began = time.perf_counter()
+        if began - start + longest > budget_s:
+            results[row] = {"error": f"not run: it would end past --gpu_time_budget {budget_s:.0f} s"}
+            continue
+        try:
+            results[row] = step_job(*row, plan, device)
+        except Exception as error:  # noqa: BLE001 - one configuration's failure (say, out of memory) is a result
+            results[row] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"}
+        tqdm.write(f"{row}: {results[row]}")  # as it goes, for a run cut short
+        longest = max(longest, time.perf_counter() - began)
+        torch._dynamo.reset()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def ema_job(preset: str, plan: dict, device: str) -> dict:
+    """Milliseconds of one EMA update of a classifier on `device` (the fine-tuning `--model_ema`): ours and torch's
+    `AveragedModel` (what release 0.2.0 used)."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from convnextv2_hf import ConvNextV2ForImageClassification
+    from convnextv2_hf.training.ema import ModelEMA
 
     model = ConvNextV2ForImageClassification(model_config(preset, num_labels=1000)).to(device)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9999), use_buffers=True)
-    return 1000 * median_seconds(lambda: ema.update_parameters(model), device, plan["warmup"], plan["repeats"])
+    ours = ModelEMA(model, 0.9999)
+    theirs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9999), use_buffers=True)
+    return {"convnextv2-hf": 1000 * median_seconds(lambda: ours.update(model), device, plan["warmup"], plan["repeats"]),
+            "AveragedModel": 1000 * median_seconds(lambda: theirs.update_parameters(model), device, plan["warmup"],
+                                                   plan["repeats"])}
 
 
 def copy_job(batch_size: int, plan: dict, device: str) -> dict:
@@ -183,36 +226,54 @@ def inference_job(preset: str, batch_size: int, plan: dict, device: str) -> dict
     return results
 
 
-def gpu_section(args, common: dict) -> list[str]:
-    """The section's markdown, for `benchmark.py --sections gpu` (`--quick`: tiny sizes on the CPU)."""
-    from tqdm.auto import tqdm
+def step_cells(result: dict, key: str, form: str) -> str:
+    if "error" in result:
+        return "-"
+    value = result[key]
+    return "-" if value is None or value != value else form.format(value)
 
-    plan = QUICK if args.quick else FULL
-    device = args.device if not args.quick else "cpu"
-    rows = [(p, b, backend, compiled) for p in plan["presets"] for b in plan["batches"]
-            for backend in ("dense", "gather") for compiled in (False, True)]
-    steps = {row: step_job(*row, plan, device) for row in tqdm(rows, desc="GPU section: training steps")}
-    lines = ["## FCMAE training step on the GPU" + (" (--quick: tiny model on the CPU)" if args.quick else ""), "",
-             f"bf16 autocast, {plan['image_size']} px, mask 0.6, {'fused ' if device == 'cuda' else ''}AdamW; median "
-             f"of {plan['repeats']} steps after {plan['warmup']} warm-up; compiled: {plan['compile']}, fullgraph.", "",
-             "| model, batch | backend | eager img/s | compiled img/s | gather / dense (eager, compiled) | peak GiB eager "
-             "/ compiled | syncs per step eager / compiled |", "|---|---|---|---|---|---|---|"]
+
+def step_table(steps: dict, plan: dict) -> list[str]:
+    lines = ["| model, batch | backend | eager img/s | compiled img/s | gather / dense (eager, compiled) | peak GiB eager "
+             "/ compiled | syncs per step eager / compiled | first step s (compiled) |", "|---|---|---|---|---|---|---|---|"]
     for preset in plan["presets"]:
         for batch in plan["batches"]:
             for backend in ("dense", "gather"):
                 eager, compiled = steps[(preset, batch, backend, False)], steps[(preset, batch, backend, True)]
-                dense, dense_compiled = steps[(preset, batch, "dense", False)], steps[(preset, batch, "dense", True)]
-                ratios = (f"{eager['images_per_s'] / dense['images_per_s']:.2f}x, "
-                          f"{compiled['images_per_s'] / dense_compiled['images_per_s']:.2f}x")
-                syncs = f"{eager['syncs']} / {'-' if compiled['syncs'] is None else compiled['syncs']}"
-                peaks = " / ".join("-" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.1f}" for r in (eager, compiled))
-                lines.append(f"| {preset} {batch} | {backend} | {eager['images_per_s']:.0f} | "
-                             f"{compiled['images_per_s']:.0f} | {ratios} | {peaks} | {syncs} |")
+                ratios = []
+                for mine, dense in ((eager, steps[(preset, batch, "dense", False)]),
+                                    (compiled, steps[(preset, batch, "dense", True)])):
+                    ok = "error" not in mine and "error" not in dense
+                    ratios.append(f"{mine['images_per_s'] / dense['images_per_s']:.2f}x" if ok else "-")
+                cells = [" / ".join(step_cells(r, key, form) for r in (eager, compiled))
+                         for key, form in (("peak_gib", "{:.1f}"), ("syncs", "{}"))]
+                lines.append(f"| {preset} {batch} | {backend} | {step_cells(eager, 'images_per_s', '{:.0f}')} | "
+                             f"{step_cells(compiled, 'images_per_s', '{:.0f}')} | {', '.join(ratios)} | {cells[0]} | "
+                             f"{cells[1]} | {step_cells(compiled, 'first_step_s', '{:.0f}')} |")
+    notes = [f"- {row[0]} {row[1]} {row[2]} {'compiled' if row[3] else 'eager'}: {result['error']}"
+             for row, result in steps.items() if "error" in result]
+    notes += [f"- {row[0]} {row[1]} {row[2]} {'compiled' if row[3] else 'eager'}: syncs at {', '.join(result['sync_sites'])}"
+              for row, result in steps.items() if result.get("sync_sites")]
+    return lines + ([""] + notes if notes else [])
+
+
+def gpu_section(args, common: dict) -> list[str]:
+    """The section's markdown, for `benchmark.py --sections gpu` (`--quick`: tiny sizes on the CPU)."""
+    plan = QUICK if args.quick else dict(FULL, presets=tuple(args.gpu_presets), batches=tuple(args.gpu_batches))
+    device = args.device if not args.quick else "cpu"
+    rows = [(p, b, backend, compiled) for p in plan["presets"] for b in plan["batches"]
+            for backend in ("dense", "gather") for compiled in (False, True)]
+    steps = run_steps(rows, plan, device, args.gpu_time_budget)
+    lines = ["## FCMAE training step on the GPU" + (" (--quick: tiny model on the CPU)" if args.quick else ""), "",
+             f"bf16 autocast, {plan['image_size']} px, mask 0.6, {'fused ' if device == 'cuda' else ''}AdamW; median "
+             f"of {plan['repeats']} steps after {plan['warmup']} warm-up; compiled: {plan['compile']}, fullgraph, "
+             "static shapes.", "", *step_table(steps, plan)]
     preset = plan["presets"][-1]
     ema_ms = ema_job(preset, plan, device)
     copies = copy_job(plan["batches"][-1], plan, device)
     inference = inference_job(preset, plan["batches"][-1], plan, device)
-    lines += ["", f"EMA update ({preset} classifier, on the model's device): {ema_ms:.2f} ms per step."]
+    lines += ["", f"EMA update ({preset} classifier, on the model's device), ms per step: " +
+              ", ".join(f"{name} {ms:.2f}" for name, ms in ema_ms.items()) + "."]
     if copies:
         lines.append(f"Host-to-device copy of {plan['batches'][-1]} images (pinned): " +
                      ", ".join(f"{dtype} {ms:.2f} ms" for dtype, ms in copies.items()) + ".")

@@ -165,7 +165,7 @@ def test_the_ema_follows_the_model_to_its_device():
     model.to("meta")  # as `Trainer._move_model_to_device` does, to cuda
     callback.on_train_begin(None, None, None, model=model)
     assert {p.device.type for p in callback.ema.parameters()} == {"meta"}
-    assert {b.device.type for b in callback.ema.buffers()} == {"meta"}
+    assert {t.device.type for t in callback.ema.state_dict().values()} == {"meta"}
 
 
 def test_precision_defaults_bf16_on_cuda_and_fp32_elsewhere(monkeypatch):
@@ -200,5 +200,19 @@ def test_the_cuda_benchmark_section_runs_in_quick_mode(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in report.read_text().splitlines() if line.startswith("| quick 4 |")]
     assert [row.split("|")[2].strip() for row in rows] == ["dense", "gather"]
-    assert all(row.rstrip(" |").endswith("0 / -") for row in rows), rows  # no sync in forward and backward
+    assert [row.split("|")[7].strip() for row in rows] == ["0 / -", "0 / -"], rows  # no sync in forward, backward
     assert "EMA update" in report.read_text() and "transformers" in report.read_text()
+
+
+def test_fine_tuning_pins_loader_memory_only_where_there_is_an_accelerator():
+    """Pinning on a CPU-only machine warns once per loader and pins nothing; a given flag is kept."""
+    from transformers import TrainingArguments
+
+    from convnextv2_hf.training import device_settings
+
+    args = TrainingArguments(output_dir="unused", report_to="none")
+    device_settings.finetuning_pin_memory(args, lambda name: False)
+    assert args.dataloader_pin_memory is torch.accelerator.is_available()
+    kept = TrainingArguments(output_dir="unused", report_to="none", dataloader_pin_memory=True)
+    device_settings.finetuning_pin_memory(kept, lambda name: name == "dataloader_pin_memory")
+    assert kept.dataloader_pin_memory

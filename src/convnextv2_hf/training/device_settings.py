@@ -42,6 +42,13 @@ def finetuning_precision(training_args, given) -> None:
         training_args.bf16, training_args.mixed_precision = True, "bf16"
 
 
+def finetuning_pin_memory(training_args, given) -> None:
+    """Pinned loader memory only where there is an accelerator to copy to (`--dataloader_pin_memory` decides when
+    given): on a CPU-only machine the Trainer's default makes every loader warn that it pins nothing."""
+    if not given("dataloader_pin_memory") and (training_args.use_cpu or not torch.accelerator.is_available()):
+        training_args.dataloader_pin_memory = False
+
+
 def precision_description(mixed_precision: str, device_type: str) -> str:
     """What a run computed in, for the log and the card, e.g. `bf16 autocast on cuda`."""
     precision = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(mixed_precision, mixed_precision)

@@ -26,7 +26,7 @@ from . import data as data_utils
 from .arguments import (REFERENCE_TRAINER_DEFAULTS, DataArguments, FinetuningArguments, ModelArguments,
                         check_trainer_arguments, default_num_workers, flag_given, parse_marking_given,
                         use_cpu_processes)
-from .device_settings import finetuning_precision, trainer_precision_line, use_device_settings
+from .device_settings import finetuning_pin_memory, finetuning_precision, trainer_precision_line, use_device_settings
 from .augmentation import FinetuneTransform, SeededAugmentedDataset
 from .checkpoints import (TRAINER_MARKER, check_same_model, find_checkpoint, save_folder_atomically,
                           save_model_and_processor)
@@ -89,6 +89,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: Finetuning
     check_trainer_arguments(training_args)
     use_device_settings(recipe.deterministic)
     finetuning_precision(training_args, lambda name: flag_given(training_args, name))
+    finetuning_pin_memory(training_args, lambda name: flag_given(training_args, name))
     check_ema_placement(recipe, training_args)
     push = training_args.push_to_hub
     if push:  # fail before any work; the Trainer's own push is replaced by ours (model, processor, card)

@@ -16,6 +16,7 @@ from transformers import Trainer, TrainerCallback
 
 from .checkpoints import (TRAINER_MARKER, check_finite_loss, failed_write_kept_out, publish, rotate_checkpoints,
                           shared_staging)
+from .ema import ModelEMA
 from .manifest import remove_ours
 from .mixup import MixingTrainer
 from .optim import create_optimizer
@@ -28,9 +29,7 @@ class EMACallback(TrainerCallback):
     step; saved inside every checkpoint and restored with it."""
 
     def __init__(self, model, decay: float):
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.ema = ModelEMA(model, decay)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         """The Trainer moves the model to its device after this callback was made: the average follows it there,
@@ -40,7 +39,7 @@ class EMACallback(TrainerCallback):
             self.ema.to(device)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.ema.update_parameters(model)
+        self.ema.update(model)
 
     def save(self, folder: str | os.PathLike) -> None:
         save_file({k: v.detach().contiguous() for k, v in self.ema.state_dict().items()}, str(Path(folder, EMA_WEIGHTS)))
