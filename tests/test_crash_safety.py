@@ -172,18 +172,18 @@ def test_full_disk_at_a_finetuning_checkpoint_keeps_the_last_good_one(images, tm
 
 
 def test_nan_pixels_stop_pretraining_and_keep_the_previous_checkpoint(images, tmp_path, monkeypatch):
-    from convnextv2_hf.training.augmentation import PretrainTransform
+    from convnextv2_hf.training import fcmae_engine
 
-    original, calls = PretrainTransform.__call__, []
+    original, calls = fcmae_engine.normalize_pixels, []
 
-    def nan_after_two_steps(self, image, generator):
+    def nan_after_two_steps(pixels, mean, std):  # the batch as the model gets it, normalised on the device
         calls.append(1)
-        pixels = original(self, image, generator)
-        return pixels.fill_(float("nan")) if len(calls) > 8 else pixels  # batch 4: steps 1-2 are clean
+        normalised = original(pixels, mean, std)
+        return normalised.fill_(float("nan")) if len(calls) > 2 else normalised
 
-    monkeypatch.setattr(PretrainTransform, "__call__", nan_after_two_steps)
+    monkeypatch.setattr(fcmae_engine, "normalize_pixels", nan_after_two_steps)
     out = tmp_path / "nan"
-    with pytest.raises(NonFiniteLossError, match=r"became nan at step 3.*checkpoint-2"):  # patched here: no workers
+    with pytest.raises(NonFiniteLossError, match=r"became nan at step 3.*checkpoint-2"):
         pretrain(pretrain_args(images, out, "--max_train_steps", "6", "--checkpointing_steps", "1",
                                "--dataloader_num_workers", "0"))
     newest = complete_checkpoints(out, "training_state.json")[-1]

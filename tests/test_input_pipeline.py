@@ -168,3 +168,20 @@ def test_a_folder_is_listed_once_per_machine(tmp_path):
     failed = results(train, validation)
     assert [scans for scans, _, _ in failed] == [2, 0] and failed[0][2] == failed[1][2]
     assert failed[0][2].startswith("Class mismatch")
+
+
+def test_uint8_crops_normalised_in_the_training_process_are_the_workers_values_bit_for_bit(tmp_path):
+    """Pre-training's loader hands over uint8 crops and the training process normalises them on its device: the
+    model sees exactly what a loader that normalised in its workers gave it."""
+    from convnextv2_hf.training.augmentation import normalize_pixels
+    from convnextv2_hf.training.masked_datasets import collate
+
+    photo = write_photo(tmp_path / "photo.jpg", size=(640, 480), orientation=6)
+    image = decode_image({"path": str(photo), "bytes": None})
+    floats, uint8s = PretrainTransform(64, MEAN, STD), PretrainTransform(64, MEAN, STD, uint8=True)
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    batches = [collate([{"pixel_values": transform(image, sample_generator(3, 1, index)), "bool_masked_pos": mask}
+                        for index in range(5)]) for transform in (floats, uint8s)]
+    assert batches[0]["pixel_values"].dtype == torch.float32 and batches[1]["pixel_values"].dtype == torch.uint8
+    on_device = normalize_pixels(batches[1]["pixel_values"], uint8s.mean, uint8s.std)
+    assert torch.equal(on_device, batches[0]["pixel_values"])

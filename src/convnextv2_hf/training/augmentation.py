@@ -46,16 +46,25 @@ def random_resized_crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-class PretrainTransform:
-    """FCMAE augmentation: RandomResizedCrop(size, scale) + horizontal flip, then normalisation to a tensor."""
+def normalize_pixels(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (..., 3, H, W) to the model's input in float32: /255, minus the mean, over the std (both shaped
+    (3, 1, 1)). A loader's worker and the training process on its GPU compute the same values, bit for bit."""
+    return pixels.float().div_(255.0).sub_(mean).div_(std)  # in place: the same values, fewer copies
 
-    def __init__(self, size: int, mean, std, scale=(0.2, 1.0), hflip: bool = True):
-        self.size, self.scale, self.hflip = size, tuple(scale), hflip
+
+class PretrainTransform:
+    """FCMAE augmentation: RandomResizedCrop(size, scale) + horizontal flip, then normalisation to a tensor; with
+    `uint8=True` the crop's uint8 pixels, for the training process to normalise on its device (a quarter of the
+    bytes through shared memory and the host-to-device copy)."""
+
+    def __init__(self, size: int, mean, std, scale=(0.2, 1.0), hflip: bool = True, uint8: bool = False):
+        self.size, self.scale, self.hflip, self.uint8 = size, tuple(scale), hflip, uint8
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, image: PIL.Image.Image, generator: torch.Generator) -> torch.Tensor:
-        return self.normalize(self.crop_and_flip(image, generator))
+        pixels = self.pixels(self.crop_and_flip(image, generator))
+        return pixels if self.uint8 else normalize_pixels(pixels, self.mean, self.std)
 
     def crop_and_flip(self, image: PIL.Image.Image, generator: torch.Generator) -> PIL.Image.Image:
         """The crop box is drawn on the upright image's full size; an image not yet decoded (opened by
@@ -71,9 +80,13 @@ class PretrainTransform:
             image = image.transpose(PIL.Image.FLIP_LEFT_RIGHT)
         return image
 
+    @staticmethod
+    def pixels(image: PIL.Image.Image) -> torch.Tensor:
+        """An RGB image as a uint8 (3, H, W) tensor."""
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
     def normalize(self, image: PIL.Image.Image) -> torch.Tensor:
-        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
-        return pixels.div_(255.0).sub_(self.mean).div_(self.std)  # in place: the same values, fewer copies
+        return normalize_pixels(self.pixels(image), self.mean, self.std)
 
 
 class FinetuneTransform(PretrainTransform):

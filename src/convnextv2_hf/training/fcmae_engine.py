@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .augmentation import normalize_pixels
 from .checkpoints import (
     PRETRAINING_MARKER,
     check_finite_loss,
@@ -110,6 +111,17 @@ class FCMAERun:
     args: Any
     eval_loader: Any = None
     progress: Any = None
+    pixel_stats: tuple | None = None  # (mean, std) on the device, for uint8 batches
+
+
+def normalized(run: FCMAERun, batch: dict) -> dict:
+    """A batch of uint8 pixels from the loader, normalised on its device with tensors made once."""
+    pixels = batch["pixel_values"]
+    if pixels.dtype != torch.uint8:
+        return batch
+    if run.pixel_stats is None:
+        raise ValueError("uint8 pixel batches need the processor's image_mean and image_std (FCMAERun.pixel_stats).")
+    return {**batch, "pixel_values": normalize_pixels(pixels, *run.pixel_stats)}
 
 
 def epoch_batches(run: FCMAERun, epoch: int, skip: int):
@@ -154,6 +166,7 @@ def train_one_epoch(run: FCMAERun, epoch: int, state: TrainingState, skip: int =
     accelerator, running, seen, pending = run.accelerator, None, 0, []
     run.model.train()
     for batch in epoch_batches(run, epoch, skip):
+        batch = normalized(run, batch)
         with accelerator.accumulate(run.model):
             loss = run.model(**batch).loss
             accelerator.backward(loss)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,13 +90,26 @@ def pretrain(accelerator, model_args: ModelArguments, data_args: DataArguments, 
         logger.warning("The checkpoint is the last step of a finished run; its results stay as they are.")
         return results
     start_reporting(fcmae_run, state, processor)
+    started, first_step = time.perf_counter(), state.completed_steps
     try:
         state = train(fcmae_run, state)
     finally:
         fcmae_run.progress.close()  # an error message then starts on a line of its own
+    speed = training_speed(fcmae_run, state.completed_steps - first_step, time.perf_counter() - started)
     if args.with_tracking:
         accelerator.end_training()
-    return finish(fcmae_run, state, data, processor, model_args, data_args)
+    return finish(fcmae_run, state, data, processor, model_args, data_args, speed)
+
+
+def training_speed(fcmae_run: FCMAERun, steps: int, seconds: float) -> dict:
+    """The Trainer's `train_runtime` and `train_samples_per_second` for this run's steps, printed once."""
+    images = steps * fcmae_run.plan.total_batch
+    speed = {"train_runtime": round(seconds, 3), "train_samples_per_second": round(images / max(seconds, 1e-9), 3)}
+    fcmae_run.accelerator.print(
+        f"{steps} steps in {seconds:.1f} s: {speed['train_samples_per_second']:.1f} images/s "
+        f"({speed['train_samples_per_second'] / fcmae_run.accelerator.num_processes:.1f} per process), first "
+        "steps, any compilation and validation included")
+    return speed
 
 
 def finished_run(state: TrainingState, plan: TrainingPlan, output_dir: str) -> dict | None:
@@ -203,7 +217,7 @@ def prepare_run(accelerator, model, processor, data: PretrainingData, model_args
     """Data loaders, optimizer and schedule, prepared by Accelerate."""
     config = model.config
     transform = PretrainTransform(model_args.image_size, processor.image_mean, processor.image_std,
-                                  scale=(args.crop_min_scale, 1.0))
+                                  scale=(args.crop_min_scale, 1.0), uint8=True)  # normalised on the device
 
     def draw_mask(pixel_values, generator):
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
@@ -231,8 +245,9 @@ def prepare_run(accelerator, model, processor, data: PretrainingData, model_args
     scheduler = accelerator.prepare(get_scheduler(
         args.lr_scheduler_type, optimizer, num_warmup_steps=plan.warmup_steps * accelerator.num_processes,
         num_training_steps=plan.max_train_steps * accelerator.num_processes))
+    pixel_stats = tuple(stat.to(accelerator.device) for stat in (transform.mean, transform.std))
     return FCMAERun(accelerator, model, optimizer, scheduler, train_loader, train_dataset, sampler, plan, args,
-                    eval_loader=eval_loader)
+                    eval_loader=eval_loader, pixel_stats=pixel_stats)
 
 
 def train_loader_for(data: PretrainingData, transform, draw_mask, data_args, args, accelerator):
@@ -279,7 +294,8 @@ def start_reporting(fcmae_run: FCMAERun, state: TrainingState, processor) -> Non
                               disable=not accelerator.is_local_main_process, desc="FCMAE pre-training")
 
 
-def finish(fcmae_run: FCMAERun, state: TrainingState, data: PretrainingData, processor, model_args, data_args) -> dict:
+def finish(fcmae_run: FCMAERun, state: TrainingState, data: PretrainingData, processor, model_args, data_args,
+           speed: dict) -> dict:
     """Save the model, processor, pictures, card and results (main process), then push if asked."""
     accelerator, args = fcmae_run.accelerator, fcmae_run.args
     history = state.history
@@ -287,7 +303,7 @@ def finish(fcmae_run: FCMAERun, state: TrainingState, data: PretrainingData, pro
     skipped = None if unreadable is None and not data.skipped else data.skipped + (unreadable or 0)
     summary = {"completed_steps": state.completed_steps, "history": history,
                "final_loss": history[-1][1] if history else None, "skipped_images": skipped,
-               "ignored_files": data.ignored, "validation_loss": state.validation}
+               "ignored_files": data.ignored, "validation_loss": state.validation, **speed}
     accelerator.wait_for_everyone()
     model = gathered_model(accelerator, fcmae_run.model)
     if accelerator.is_main_process:
