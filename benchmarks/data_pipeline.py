@@ -8,8 +8,9 @@ own data path (torchvision `ImageFolder` + `DataLoader`, run in an environment w
   slope is fitted from the two sizes (on the time after the imports, `first_step.py`) and extrapolated to
   ImageNet-1k and -22k.
 - Memory of the file index (RSS growth from listing the folder), ours against `ImageFolder`'s list of samples.
-- Throughput of one data-loading worker: decode + RandomResizedCrop(224, scale 0.2-1, bicubic) + flip + normalise, on
-  500x375 JPEGs and on 3000x2000 photos, ours against torchvision's transforms (the reference's `transform_train`).
+- Throughput of one data-loading worker, pre-training (decode, crop, flip) and fine-tuning (plus RandAugment and
+  erasing) on 500x375 JPEGs and on 3000x2000 photos, ours against torchvision's transforms.
+  `--data_tables throughput` runs this table alone.
 """
 
 from __future__ import annotations
@@ -63,18 +64,26 @@ import json, sys, time, torch
 torch.set_num_threads(1)
 kind, files = sys.argv[1], json.loads(sys.argv[2])
 mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-if kind == "ours":
-    from convnextv2_hf.training.augmentation import PretrainTransform, sample_generator
+if kind.startswith("ours"):
+    from convnextv2_hf.training.arguments import FinetuningArguments
+    from convnextv2_hf.training.augmentation import FinetuneTransform, PretrainTransform, sample_generator
     from convnextv2_hf.training.data import open_image_header
-    transform = PretrainTransform(224, mean, std)
+    if kind == "ours-finetune":  # the reference recipe's: RandAugment rand-m9-mstd0.5-inc1, erasing 0.25
+        transform = FinetuneTransform.from_recipe(224, mean, std, FinetuningArguments())
+    else:  # what run_fcmae.py's workers do: uint8 crops, normalised on the training device
+        transform = PretrainTransform(224, mean, std, uint8=True)
     def one(i, path):
         return transform(open_image_header({"path": path, "bytes": None}), sample_generator(0, 0, i))
 else:
     from PIL import Image
     from torchvision import transforms
-    transform = transforms.Compose([transforms.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=3),
-                                    transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-                                    transforms.Normalize(mean, std)])
+    crop = [transforms.RandomResizedCrop(224, scale=(0.2 if kind == "torchvision" else 0.08, 1.0), interpolation=3),
+            transforms.RandomHorizontalFlip()]
+    tail = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    if kind == "torchvision-finetune":  # torchvision's nearest to timm's: RandAugment(2, 9), erasing 0.25
+        transform = transforms.Compose(crop + [transforms.RandAugment(2, 9)] + tail + [transforms.RandomErasing(0.25)])
+    else:
+        transform = transforms.Compose(crop + tail)
     def one(i, path):
         with open(path, "rb") as handle:
             return transform(Image.open(handle).convert("RGB"))
@@ -237,14 +246,17 @@ def data_section(args, common: dict) -> list[str]:
     """Start-up slope (warm and cold page cache), index memory and per-worker throughput, ours against torchvision
     `ImageFolder`."""
     work = Path(tempfile.gettempdir(), "convnextv2-hf-data-bench")  # kept: the images are made once
-    sizes = args.data_sizes
-    lines = startup_table(startup_times(sizes, work), sizes)
-    if can_drop_page_cache():
-        lines += startup_table(startup_times(sizes, work, runs=2, cold=True), sizes, cold=True)
-    else:
-        lines += ["Cold page cache: not measured (dropping the page cache needs root).", ""]
-    lines += index_memory_table(work / f"images-{sizes[1]}", sizes[1])
-    lines += throughput_table(work)
+    sizes, tables, lines = args.data_sizes, args.data_tables, []
+    if "startup" in tables:
+        lines += startup_table(startup_times(sizes, work), sizes)
+        if can_drop_page_cache():
+            lines += startup_table(startup_times(sizes, work, runs=2, cold=True), sizes, cold=True)
+        else:
+            lines += ["Cold page cache: not measured (dropping the page cache needs root).", ""]
+    if "memory" in tables:
+        lines += index_memory_table(work / f"images-{sizes[1]}", sizes[1])
+    if "throughput" in tables:
+        lines += throughput_table(work)
     return lines
 
 
@@ -299,17 +311,23 @@ def index_memory_table(folder: Path, size: int) -> list[str]:
 
 def throughput_table(work: Path) -> list[str]:
     lines = ["## Throughput of one data-loading worker (images/s)", "",
-             "Decode + RandomResizedCrop(224, scale 0.2-1, bicubic) + horizontal flip + normalise to a tensor, one "
-             "thread, photo-like JPEGs (quality 90). Ours decodes a JPEG at 1/2-1/8 scale when the crop box is 2-8 "
-             "times the output (`Image.draft`, same box); torchvision's transforms are the reference's "
-             "`transform_train`. Ours also draws the FCMAE mask in training (not included here). Three rounds of 4 s "
-             "each, ours and torchvision's taking turns; the best round of each.", "",
-             "| images | ours | torchvision | ours / torchvision |", "|---|---|---|---|"]
-    for size, count in (((500, 375), 64), ((3000, 2000), 12)):
-        files = json.dumps(photos(work / "photos", size, count))
-        rounds = [(run_json(sys.executable, THROUGHPUT, "ours", files)["images_per_s"],
-                   run_json(TORCHVISION_PYTHON, THROUGHPUT, "torchvision", files)["images_per_s"]) for _ in range(3)]
-        print(f"throughput {size}: " + ", ".join(f"{a:.0f}/{b:.0f}" for a, b in rounds), file=sys.stderr)
-        ours, theirs = (max(column) for column in zip(*rounds))
-        lines.append(f"| {size[0]}x{size[1]} | {fmt(ours)} | {fmt(theirs)} | {fmt(ours / theirs, 2)}x |")
+             "One thread, photo-like JPEGs (quality 90). Pre-training: decode + RandomResizedCrop(224, scale 0.2-1, "
+             "bicubic) + horizontal flip, to uint8 (ours: `run_fcmae.py` normalises on the training device) or "
+             "normalised floats (torchvision's transforms, the reference's `transform_train`). Fine-tuning: the "
+             "reference recipe's crop (scale 0.08-1) and flip, RandAugment `rand-m9-mstd0.5-inc1`, normalisation "
+             "and random erasing 0.25 (ours), against torchvision's nearest (`RandAugment(2, 9)`, "
+             "`RandomErasing(0.25)`; the reference uses timm's, which needs torchvision too). Ours decodes a JPEG "
+             "at 1/2-1/8 scale when the crop box is 2-8 times the output (`Image.draft`, same box), and draws the "
+             "FCMAE mask in training (not included here). Three rounds of 4 s each, ours and torchvision's taking "
+             "turns; the best round of each.", "",
+             "| pipeline | images | ours | torchvision | ours / torchvision |", "|---|---|---|---|---|"]
+    for pipeline, ours_kind, their_kind in (("pre-training", "ours", "torchvision"),
+                                            ("fine-tuning", "ours-finetune", "torchvision-finetune")):
+        for size, count in (((500, 375), 64), ((3000, 2000), 12)):
+            files = json.dumps(photos(work / "photos", size, count))
+            rounds = [(run_json(sys.executable, THROUGHPUT, ours_kind, files)["images_per_s"],
+                       run_json(TORCHVISION_PYTHON, THROUGHPUT, their_kind, files)["images_per_s"]) for _ in range(3)]
+            print(f"throughput {pipeline} {size}: " + ", ".join(f"{a:.0f}/{b:.0f}" for a, b in rounds), file=sys.stderr)
+            ours, theirs = (max(column) for column in zip(*rounds))
+            lines.append(f"| {pipeline} | {size[0]}x{size[1]} | {fmt(ours)} | {fmt(theirs)} | {fmt(ours / theirs, 2)}x |")
     return lines + [""]
