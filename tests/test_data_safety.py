@@ -1,7 +1,6 @@
 """A command deletes or replaces only what it can prove it wrote: user files beside our outputs, the source of a
 conversion or export, and images a demo is pointed at stay byte-identical (issue 21's data-loss cases)."""
 
-import json
 import os
 from pathlib import Path
 

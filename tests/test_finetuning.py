@@ -48,7 +48,8 @@ def test_pretrain_then_finetune_then_pipeline(images, tmp_path):
     pretrained = transformers.AutoModelForMaskedImageModeling.from_pretrained(fcmae)
     assert loaded.config.id2label == {0: "cats", 1: "dogs"}
     # the encoder started from the FCMAE weights (and moved during fine-tuning)
-    assert loaded.convnextv2.embeddings.patch_embeddings.weight.shape == pretrained.convnextv2.embeddings.patch_embeddings.weight.shape
+    patch_weights = [m.convnextv2.embeddings.patch_embeddings.weight for m in (loaded, pretrained)]
+    assert patch_weights[0].shape == patch_weights[1].shape
     for name in ("README.md", "preprocessor_config.json", "train_loss.png", "eval_accuracy.png", "all_results.json"):
         assert (out / name).exists(), name
     card = (out / "README.md").read_text()

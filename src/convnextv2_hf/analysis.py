@@ -48,12 +48,12 @@ def feature_collapse(model: torch.nn.Module, pixel_values: torch.Tensor, batch_s
         raise ValueError("No ConvNeXt V2 blocks (encoder.stages.*.layers.*.pwconv2) found in this model.")
     base = getattr(model, getattr(model, "base_model_prefix", ""), model)
     sums = {name: 0.0 for name, _ in modules}
-    hooks = [
-        module.register_forward_pre_hook(
-            lambda _m, inputs, name=name: sums.__setitem__(name, sums[name] + mean_pairwise_cosine_distance(inputs[0]).sum().item())
-        )
-        for name, module in modules
-    ]
+
+    def add_distance(name: str, inputs: tuple) -> None:
+        sums[name] += mean_pairwise_cosine_distance(inputs[0]).sum().item()
+
+    hooks = [module.register_forward_pre_hook(lambda _m, inputs, name=name: add_distance(name, inputs))
+             for name, module in modules]
     was_training = model.training
     model.eval()
     try:
