@@ -39,7 +39,10 @@ def test_demo_quick(tmp_path, capsys):
     assert "label sweep" in capsys.readouterr().out
     # the published classifier is a plain transformers checkpoint, served like ours
     assert_served_like_ours(out / "convnextv2-demo-finetuned", write_photo(tmp_path / "digit.jpg", (40, 52)), tmp_path)
+    capsys.readouterr()
     assert cli(["demo", "--quick", "--output_dir", str(out)]) == 2  # a second demo needs --overwrite_output_dir
+    message = capsys.readouterr().err
+    assert "--overwrite_output_dir" in message and "--resume_from_checkpoint" not in message  # the demo has no resume
 
 
 def test_feature_collapse_sample_covers_every_class(tmp_path):

@@ -36,7 +36,8 @@ QUICK = dict(seeds=1, pretrain_steps=40, label_counts="1,10", finetune_passes=60
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convnextv2-hf demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", default="convnextv2-demo")
+    p.add_argument("--output_dir", default="convnextv2-demo",
+                   help="where the data, runs, pictures and results.md go (default: %(default)s, in the current folder)")
     p.add_argument("--overwrite_output_dir", action="store_true", help="replace an earlier demo in --output_dir")
     p.add_argument("--quick", action="store_true", help="a smoke run in about a minute (numbers not meaningful)")
     p.add_argument("--train_dir", help="your own images, one sub-folder per class, instead of the digits")
@@ -44,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label_counts", default="1,2,5,10,25,all", help="labelled images per class to sweep")
     p.add_argument("--curve_labels", type=int, default=10, help="the labels per class whose runs log learning curves")
     p.add_argument("--test_fraction", type=float, default=0.3)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--pretrain_steps", type=int, default=1500)
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning runs per label count (default: %(default)s)")
+    p.add_argument("--pretrain_steps", type=int, default=1500, help="FCMAE pre-training steps (default: %(default)s)")
     p.add_argument("--finetune_passes", type=int, default=3000, help="image passes per fine-tuning run (budget)")
     p.add_argument("--min_finetune_epochs", type=int, default=8)
     p.add_argument("--max_finetune_epochs", type=int, default=100)
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, started = parse_args(argv), time.time()
     datasets.disable_progress_bars()  # dozens of small loads; the demo prints its own progress
     out = Path(args.output_dir)
-    check_output_dir(out, "--output_dir", overwrite=args.overwrite_output_dir, writes=DEMO_OUTPUTS)
+    check_output_dir(out, "--output_dir", overwrite=args.overwrite_output_dir, writes=DEMO_OUTPUTS, resumable=False)
     refuse_train_dir_inside(args.train_dir, out)
     with OutputDirLock(out):
         record(out, *DEMO_OUTPUTS)

@@ -61,8 +61,8 @@ def build_fcmae(model_args, args) -> tuple[ConvNextV2ForMaskedImageModeling, Con
     cell = config.mask_cell_size
     if model_args.image_size % cell:
         raise ValueError(f"--image_size {model_args.image_size} must be a multiple of the mask cell ({cell} px).")
-    if getattr(args, "gradient_checkpointing", False):
-        model.gradient_checkpointing_enable()
+    if getattr(args, "gradient_checkpointing", False):  # the older name warns from transformers 5.2x on
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     processor = training_processor(model_args.image_processor_name or source, model_args.image_size, cell,
                                    config.mask_ratio)
     return model, processor

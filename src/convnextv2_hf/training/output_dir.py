@@ -34,15 +34,16 @@ def holds_a_run(folder: Path) -> bool:
 
 
 def check_output_dir(path: str | os.PathLike, flag: str, resume: bool = False, overwrite: bool = False,
-                     needed_bytes: int = 0, writes: tuple[str, ...] = RUN_OUTPUTS) -> Path:
-    """Create `path` if needed and check it can take this run; raise [`OutputDirError`] naming the fix if not."""
+                     needed_bytes: int = 0, writes: tuple[str, ...] = RUN_OUTPUTS, resumable: bool = True) -> Path:
+    """Create `path` if needed and check it can take this run; raise [`OutputDirError`] naming the fix if not
+    (`resumable`: whether the command takes `--resume_from_checkpoint`, to name it as a fix)."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise OutputDirError(f"{flag} {str(path)!r} is a file, not a folder; choose a folder path.")
     if folder.is_dir() and holds_a_run(folder) and not resume and not overwrite:
+        resuming = "--resume_from_checkpoint latest to continue it, " if resumable else ""
         raise OutputDirError(f"{flag} {str(path)!r} already holds a model or checkpoints from another run; pass "
-                             "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, "
-                             "or choose another folder.")
+                             f"{resuming}--overwrite_output_dir to replace it, or choose another folder.")
     if folder.is_dir() and (foreign := unrecorded(folder, writes)):
         raise OutputDirError(f"{flag} {str(path)!r} holds {', '.join(foreign[:4])} not written by convnextv2-hf, "
                              "which this run would have to replace (--overwrite_output_dir replaces only our own "
