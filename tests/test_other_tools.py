@@ -191,6 +191,19 @@ def test_fsdp_asked_for_but_not_running_is_said(tmp_path):
     assert len(said) == 1 and "one process without distribution" in said[0]
 
 
+@pytest.mark.slow
+def test_fsdp_launched_on_cpu_processes_is_said_once(tmp_path):
+    """`accelerate launch --use_fsdp` of 2 CPU processes runs DDP; the main process says so, the other does not."""
+    from conftest import FSDP_LAUNCH, launch_two_processes
+
+    images = make_image_folder(tmp_path / "images", per_class=4, corrupt=False)
+    result = launch_two_processes(REPO / "examples" / "pretraining" / "run_fcmae.py", [
+        "--train_dir", str(images), "--output_dir", str(tmp_path / "out"), "--config_overrides", TINY_OVERRIDES,
+        "--image_size", "32", "--per_device_train_batch_size", "2", "--max_train_steps", "1"], launch=FSDP_LAUNCH)
+    said = [line for line in (result.stdout + result.stderr).splitlines() if "asks for FSDP" in line]
+    assert len(said) == 1 and "on 2 process(es)" in said[0], said
+
+
 def test_cards_name_the_data_and_report_top_k_only_below_the_class_count(tmp_path):
     from huggingface_hub import ModelCard
 

@@ -88,8 +88,9 @@ def test_streamed_run_resumes_at_the_sample_where_it_stopped(shards, tmp_path, k
     are the uninterrupted run's."""
     source = ["--train_files", str(shards / f"messy-{kind}" / f"*{SUFFIX[kind]}")]
     full = tmp_path / "full"
-    pretrain(shard_args(source, full, "--max_train_steps", "8", "--checkpointing_steps", "5",
-                        "--skip_corrupt_images"))
+    summary = pretrain(shard_args(source, full, "--max_train_steps", "8", "--checkpointing_steps", "5",
+                                  "--skip_corrupt_images"))
+    assert summary["skipped_images"] >= 1  # the corrupt image, met in the workers (once per pass)
     kept = tmp_path / "kept" / "checkpoint-5"
     os.renames(full / "checkpoint-5", kept)
     saved = json.loads((kept / "training_state.json").read_text())["stream"]
@@ -118,7 +119,15 @@ def test_a_folder_of_shards_as_train_dir_and_clear_errors(shards, tmp_path):
     summary = pretrain(shard_args(["--train_dir", str(shards / "numbered-parquet")], tmp_path / "run",
                                   "--max_train_steps", "2", "--dataloader_num_workers", "0"))
     assert summary["completed_steps"] == 2
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for shard in (shards / "numbered-webdataset").glob("*.tar"):
+        (mixed / shard.name).write_bytes(shard.read_bytes())
+    (mixed / "stray.jpg").write_bytes(next((shards / "numbered" / "even").iterdir()).read_bytes())
     for extra, words in [
+        (["--train_dir", str(mixed), "--max_train_steps", "1"], ["holds both shards", "stray.jpg", "--train_files"]),
+        (["--train_files", str(shards / "numbered-parquet" / "*.parquet"), "--validation_dir", str(shards / "numbered"),
+          "--max_train_steps", "1"], ["--validation_dir", "no validation pass"]),
         (["--train_files", str(tmp_path / "none-*.tar"), "--max_train_steps", "1"], ["matches no files"]),
         (["--train_files", str(shards / "numbered-parquet" / "*.parquet")], ["--max_train_steps"]),
         (["--train_files", str(shards / "numbered-parquet" / "*.parquet"), str(shards / "numbered-webdataset/*.tar"),
@@ -141,6 +150,13 @@ def test_write_shards_command_refuses_to_overwrite(shards, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "new").glob("*.parquet")) == [
         f"train-{i:05d}-of-00004.parquet" for i in range(4)]
+    result = run_as_user([*CLI, "write-shards", "--train_dir", str(shards / "numbered"), "--output_dir",
+                          str(tmp_path / "zero"), "--images_per_shard", "0"], tmp_path, timeout=120)
+    assert_one_line(result, "--images_per_shard 0 must be a positive integer")
+    for images, processes in ((-1, None), (4, -1), (4, 0)):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            write_shards(str(shards / "numbered"), str(tmp_path / "never"), "webdataset", images, processes)
+    assert not (tmp_path / "zero").exists() and not (tmp_path / "never").exists()
 
 
 @pytest.mark.parametrize("kind", list(SUFFIX))

@@ -383,6 +383,9 @@ def unreadable(path: str | None, error: Exception) -> UnreadableImageError:
         f"Cannot read image {path or '<in-memory bytes>'}: {error}. Remove the file or pass --skip_corrupt_images.")
 
 
+STREAM_SLOTS = 1024  # data-loader workers of one process whose stream skips are counted apart
+
+
 class UnreadableImages:
     """What training does with an image it cannot decode. With `skip`, the next readable image of the data set
     stands in for it (batches keep their shape, the sample its seeded augmentation) and the file is flagged, once,
@@ -394,6 +397,8 @@ class UnreadableImages:
 
         self.skip, self.max_pixels = skip, max_pixels
         self.flags = torch.zeros(size, dtype=torch.uint8).share_memory_() if skip and size else None
+        # a stream has no index to flag: each skip is counted, in its worker's own slot (no lost increments)
+        self.stream_skips = torch.zeros(STREAM_SLOTS, dtype=torch.int64).share_memory_() if skip and not size else None
 
     def row_and_image(self, dataset, index: int, image_column: str, use=load_image) -> tuple[dict, Any]:
         """`dataset[index]` and `use(image)` of its image opened lazily (header read; `use` decodes it, by default
@@ -416,14 +421,24 @@ class UnreadableImages:
             if self.flags[index]:
                 return
             self.flags[index] = 1
+        elif self.stream_skips is not None:
+            from torch.utils.data import get_worker_info
+
+            worker = get_worker_info()
+            self.stream_skips[(0 if worker is None else worker.id + 1) % STREAM_SLOTS] += 1
         logger.warning("Skipping: %s", error)
 
     def count(self, accelerator=None) -> int | None:
-        """Unreadable images met so far (over all processes, with an `accelerator`); None without `skip` or a size."""
-        if self.flags is None:
-            return None
-        flags = self.flags if accelerator is None else accelerator.reduce(self.flags.to(accelerator.device).int(), "sum")
-        return int((flags > 0).sum())
+        """Unreadable images met so far (over all processes, with an `accelerator`); None without `skip`. A stream
+        counts each time one was met (once per pass over the data)."""
+        if self.flags is not None:
+            flags = self.flags if accelerator is None else accelerator.reduce(self.flags.to(accelerator.device).int(),
+                                                                              "sum")
+            return int((flags > 0).sum())
+        if self.stream_skips is not None:
+            skips = self.stream_skips.sum().reshape(1)
+            return int(skips if accelerator is None else accelerator.reduce(skips.to(accelerator.device), "sum"))
+        return None
 
 
 def drop_unreadable(dataset: Dataset, image_column: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Dataset, int]:

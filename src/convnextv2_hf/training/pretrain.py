@@ -159,7 +159,10 @@ def build_accelerator(args: PretrainingArguments):
 
 
 def say_if_not_as_configured(accelerator) -> None:
-    """Accelerate falls back quietly (e.g. FSDP asked for on CPU processes runs as DDP); say so in one line."""
+    """Accelerate falls back quietly (e.g. FSDP asked for on CPU processes runs as DDP); say so in one line, once
+    (the main process)."""
+    if not accelerator.is_main_process:
+        return
     asked = [kind for variable, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED"))
              if os.environ.get(variable, "false").lower() in ("1", "true")]
     running = accelerator.distributed_type.value

@@ -44,26 +44,39 @@ def expand_shard_patterns(patterns: list[str], flag: str) -> tuple[str, list[str
 
 
 def shards_in_folder(root: str | os.PathLike) -> list[str]:
-    """The shard files directly inside `root` when it holds shards and no sub-folders (a folder of shards given as
-    --train_dir); otherwise an empty list (an image folder)."""
+    """The shard files directly inside `root` (a folder of shards given as --train_dir); an empty list for an image
+    folder. A folder holding shards beside images or sub-folders is refused: which to train on is the user's call."""
+    from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
+
     with os.scandir(root) as entries:
         entries = [entry for entry in entries if not entry.name.startswith(".")]
-    if any(entry.is_dir() for entry in entries):
-        return []
-    return sorted(entry.path for entry in entries if os.path.splitext(entry.name)[1].lower() in SHARD_FORMATS)
+    shards = sorted(entry.path for entry in entries if os.path.splitext(entry.name)[1].lower() in SHARD_FORMATS)
+    others = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in entries
+                    if entry.is_dir() or os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS)
+    if shards and others:
+        raise ValueError(f"--train_dir {str(root)!r} holds both shards ({', '.join(Path(f).name for f in shards[:2])}"
+                         f"{', ...' if len(shards) > 2 else ''}) and images or folders ({', '.join(others[:2])}"
+                         f"{', ...' if len(others) > 2 else ''}); move one kind elsewhere, or name the shards with "
+                         "--train_files.")
+    return shards
 
 
 def sharded_source(data_args) -> tuple[list[str], str] | None:
     """(shard patterns, the flag that gave them) when the data are shards: --train_files, or a --train_dir that
     holds shards; None for an image folder or a hub dataset."""
+    source = None
     if getattr(data_args, "train_files", None):
         if data_args.train_dir is not None:
             raise ValueError("Pass --train_files (shards) or --train_dir (a folder), not both.")
-        return list(data_args.train_files), "--train_files"
-    if data_args.train_dir is not None and os.path.isdir(data_args.train_dir):
+        source = list(data_args.train_files), "--train_files"
+    elif data_args.train_dir is not None and os.path.isdir(data_args.train_dir):
         files = shards_in_folder(data_args.train_dir)
-        return (files, "--train_dir") if files else None
-    return None
+        source = (files, "--train_dir") if files else None
+    if source is not None and getattr(data_args, "validation_dir", None):
+        raise ValueError(f"--validation_dir {data_args.validation_dir!r} would not be read: a run streamed from "
+                         f"shards ({source[1]}) has no validation pass yet; drop --validation_dir, or train from an "
+                         "image folder.")
+    return source
 
 
 def load_shards(patterns: list[str], flag: str):
@@ -89,6 +102,10 @@ def write_shards(train_dir: str, output_dir: str, shard_format: str = "webdatase
 
     from .data import scan_folder
 
+    for flag, value in (("--images_per_shard", images_per_shard), ("--num_proc", num_proc)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value} must be a positive integer (images per shard: about 1,000 mixes well; "
+                             "processes: at most the cores).")
     scan = scan_folder(train_dir, "--train_dir")
     labelled = len(scan.classes) >= 2 and all(len(parts) == 1 for parts, _ in scan.folders)
     paths = scan.paths()
