@@ -171,3 +171,53 @@ def test_one_image_folder_is_written_without_labels(tmp_path, kind):
     assert sorted(row[image_column].width for row in rows) == [40 + i for i in range(0, 16, 2)]
     assert all(set(row) <= {image_column, "__key__", "__url__"} for row in rows)
     assert json.loads((tmp_path / "shards" / "classes.json").read_text()) == []
+
+
+@pytest.mark.parametrize("kind", list(SUFFIX))
+def test_a_folder_of_mixed_image_formats_comes_back_whole(tmp_path, kind):
+    """JPEG, PNG, BMP, GIF, WebP and TIFF together, and a PNG named .JPEG (as ImageNet has): every image written
+    comes back from the stream, byte for byte, with its label, and decodes."""
+    import io
+
+    folder, originals = tmp_path / "mixed", {}
+    rng = np.random.default_rng(0)
+    formats = [("JPEG", ".jpg"), ("PNG", ".png"), ("BMP", ".bmp"), ("GIF", ".gif"), ("WEBP", ".webp"),
+               ("TIFF", ".tif"), ("PNG", ".JPEG")]
+    for i, (image_format, suffix) in enumerate(formats * 2):
+        target = folder / ("a" if i % 2 == 0 else "b") / f"{i:02d}{suffix}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (20, 24 + i, 3), dtype=np.uint8)).save(buffer, image_format)
+        target.write_bytes(buffer.getvalue())
+        originals[buffer.getvalue()] = target.parent.name
+    write_shards(str(folder), str(tmp_path / "out"), kind, images_per_shard=5, num_proc=1)
+    train = load_shards([str(tmp_path / "out" / f"*{SUFFIX[kind]}")], "--train_files")["train"]
+    image_column, label_column = ("jpg", "cls") if kind == "webdataset" else ("image", "label")
+    from convnextv2_hf.training.data import undecoded
+
+    rows = list(undecoded(train, image_column))
+    back = {row[image_column]["bytes"]: ["a", "b"][row[label_column]] for row in rows}
+    assert len(rows) == len(originals) and back == originals
+    for data in back:
+        Image.open(io.BytesIO(data)).load()
+
+
+def test_a_shard_set_that_write_shards_did_not_finish_is_refused(shards, tmp_path):
+    """A killed write-shards leaves its folder marked unfinished (and maybe a `.partial` shard): refused in one line,
+    not trained on without its missing shards and labels. A finished set has no marker."""
+    from convnextv2_hf.training.shards import UNFINISHED
+
+    complete = shards / "numbered-webdataset"
+    assert not (complete / UNFINISHED).exists() and (complete / "classes.json").exists()
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    first = sorted(complete.glob("*.tar"))[0]
+    (killed / first.name).write_bytes(first.read_bytes())
+    (killed / UNFINISHED).write_text("")  # as a kill leaves it
+    result = run_as_user([*PRETRAIN, *shard_args(["--train_files", str(killed / "*.tar")], tmp_path / "o",
+                                                 "--max_train_steps", "1")], tmp_path, timeout=120)
+    assert_one_line(result, "did not finish", "write it again")
+    (killed / UNFINISHED).unlink()
+    (killed / "train-00001-of-00004.tar.partial").write_bytes(b"half")
+    with pytest.raises(ValueError, match="did not finish"):
+        load_shards([str(killed / "*.tar")], "--train_files")

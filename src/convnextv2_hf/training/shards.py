@@ -20,6 +20,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SHARD_FORMATS = {".tar": "webdataset", ".parquet": "parquet"}
+UNFINISHED = ".write-shards-unfinished"  # in a folder while write-shards writes it; removed once the set is complete
 
 
 def expand_shard_patterns(patterns: list[str], flag: str) -> tuple[str, list[str]]:
@@ -40,7 +41,16 @@ def expand_shard_patterns(patterns: list[str], flag: str) -> tuple[str, list[str
                          "pass --train_dir.")
     if len(kinds) > 1:
         raise ValueError(f"{flag} mixes webdataset (.tar) and parquet shards; pass one kind.")
+    check_finished(files, flag)
     return kinds.pop(), files
+
+
+def check_finished(files: list[str], flag: str) -> None:
+    """Refuse shards from a folder that `write-shards` did not finish (killed midway: some shards, no labels)."""
+    for folder in sorted({os.path.dirname(path) for path in files}):
+        if os.path.exists(os.path.join(folder, UNFINISHED)) or glob.glob(os.path.join(glob.escape(folder), "*.partial")):
+            raise ValueError(f"{flag}: {folder} holds a shard set that write-shards did not finish (it was stopped "
+                             "midway; some shards and the labels are missing); write it again into an empty folder.")
 
 
 def shards_in_folder(root: str | os.PathLike) -> list[str]:
@@ -123,6 +133,7 @@ def write_shards(train_dir: str, output_dir: str, shard_format: str = "webdatase
     with ProcessPoolExecutor(workers) as pool:
         written = list(tqdm(pool.map(writer, *zip(*jobs)), total=count, desc=f"Writing {shard_format} shards"))
     (out / "classes.json").write_text(json.dumps(scan.classes if labelled else []))
+    (out / UNFINISHED).unlink()  # last: the set is complete
     return written
 
 
@@ -134,30 +145,24 @@ def prepare_output(train_dir: str, output_dir: str) -> Path:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--output_dir {output_dir} is not empty; give a new folder (nothing is overwritten).")
     out.mkdir(parents=True, exist_ok=True)
+    (out / UNFINISHED).write_text("write-shards is writing this folder; it removes this file when the set is complete\n")
     return out
 
 
-def member_extension(data: bytes, path: str) -> str:
-    """The extension a webdataset member gets: the image's real format (a .jpeg file is `jpg`)."""
-    import PIL.Image
-
-    try:
-        with PIL.Image.open(io.BytesIO(data)) as image:
-            kind = (image.format or "").lower()
-    except Exception:  # unreadable files are carried as they are; training skips or names them
-        kind = ""
-    kind = {"jpeg": "jpg", "tiff": "tif"}.get(kind, kind)
-    return kind or os.path.splitext(path)[1].lower().lstrip(".") or "img"
+# Every image member is `<key>.jpg`, whatever the file's format: `datasets` reads a webdataset's columns from its
+# first samples, so a PNG or WebP member among JPEGs would be dropped. The bytes stay the file's own; readers (PIL,
+# `datasets`' Image feature, the `webdataset` library) decode them by content, not by name.
+IMAGE_MEMBER = "jpg"
 
 
 def write_tar_shard(path: str, start: int, files: list[str], labels: list, classes) -> str:
-    """One webdataset shard: `<key>.<ext>` image bytes (and `<key>.cls` labels); written aside, then renamed."""
+    """One webdataset shard: `<key>.jpg` image bytes (any format, see `IMAGE_MEMBER`) and `<key>.cls` labels;
+    written aside, then renamed."""
     partial = f"{path}.partial"
     with tarfile.open(partial, "w") as tar:
         for offset, (file, label) in enumerate(zip(files, labels)):
             key = f"{start + offset:09d}"
-            data = Path(file).read_bytes()
-            add_member(tar, f"{key}.{member_extension(data, file)}", data)
+            add_member(tar, f"{key}.{IMAGE_MEMBER}", Path(file).read_bytes())
             if label is not None:
                 add_member(tar, f"{key}.cls", str(label).encode())
     os.replace(partial, path)
