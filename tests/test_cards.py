@@ -6,7 +6,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from conftest import CLI, FINETUNE, assert_ok, make_image_folder, perturbed, run_as_user, tiny_config
+from conftest import (CLI, FINETUNE, assert_ok, assert_one_line, make_image_folder, perturbed, run_as_user,
+                      tiny_config)
 from convnextv2_hf import ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
 from convnextv2_hf.convert_convnextv2 import export_checkpoint
 
@@ -26,6 +27,7 @@ def test_converted_reference_weights_carry_their_licence_to_fine_tuning(tmp_path
     assert card.data.pipeline_tag == "image-classification" and "converted" in card.data.tags
     assert "convnextv2_tiny_fcmae.pt" in card.text and "facebookresearch/ConvNeXt-V2" in card.text
     assert "encoder of an FCMAE checkpoint" in card.text
+    assert "Converted with the `convnextv2-hf` Python package" in card.text and "Trained with" not in card.text
     images = make_image_folder(tmp_path / "images", per_class=6, corrupt=False)
     tuned = tmp_path / "tuned"
     assert_ok(run_as_user([*FINETUNE, "--model_name_or_path", str(converted), "--train_dir", str(images),
@@ -53,6 +55,11 @@ def test_licence_override_and_base_model_from_a_transformers_folder(tmp_path):
     assert_ok(run_as_user([*CLI, "convert", "--from", "transformers", "--checkpoint", str(source), "--output_dir",
                            str(overridden), "--license", "mit"], tmp_path))
     assert card_of(overridden).data.license == "mit"
+    for wrong in ("licença", "x" * 10_000):  # not hub licence identifiers: one line, nothing written
+        refused = run_as_user([*CLI, "convert", "--from", "transformers", "--checkpoint", str(source), "--output_dir",
+                               str(tmp_path / "refused"), "--license", wrong], tmp_path)
+        assert_one_line(refused, "is not a Hugging Face Hub licence identifier", "--license other")
+        assert len(refused.stderr) < 600 and not (tmp_path / "refused").exists()
     from_file = tmp_path / "from-file"  # a weights file is not a hub id: nothing to inherit, no base_model
     assert_ok(run_as_user([*CLI, "convert", "--from", "transformers", "--checkpoint", str(source / "model.safetensors"),
                            "--output_dir", str(from_file)], tmp_path))

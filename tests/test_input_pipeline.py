@@ -185,3 +185,21 @@ def test_uint8_crops_normalised_in_the_training_process_are_the_workers_values_b
     assert batches[0]["pixel_values"].dtype == torch.float32 and batches[1]["pixel_values"].dtype == torch.uint8
     on_device = normalize_pixels(batches[1]["pixel_values"], uint8s.mean, uint8s.std)
     assert torch.equal(on_device, batches[0]["pixel_values"])
+
+
+def test_persistent_fine_tuning_workers_see_each_new_epoch(tmp_path):
+    """Fine-tuning's workers persist across epochs; each sample's augmentation is seeded by (seed, epoch, index),
+    so a worker started in epoch 0 must augment with epoch 1's seed after `set_epoch(1)`."""
+    from convnextv2_hf.training.augmentation import SeededAugmentedDataset
+
+    rows = rows_of(make_image_folder(tmp_path / "images", per_class=2, corrupt=False))
+    dataset = SeededAugmentedDataset(rows, "image", "label", lambda image, generator: torch.rand(1, generator=generator),
+                                     seed=0, unreadable=UnreadableImages(len(rows), skip=False))
+    loader = DataLoader(dataset, batch_size=len(rows), num_workers=1, persistent_workers=True)
+    first = next(iter(loader))
+    dataset.set_epoch(1)
+    second = next(iter(loader))  # the same worker process as the first epoch's
+    assert first["epoch"].tolist() == [0] * len(rows) and second["epoch"].tolist() == [1] * len(rows)
+    assert not torch.equal(first["pixel_values"], second["pixel_values"])
+    expected = [torch.rand(1, generator=sample_generator(0, 1, index)) for index in range(len(rows))]
+    assert torch.equal(second["pixel_values"], torch.stack(expected))

@@ -24,7 +24,9 @@ from convnextv2_hf.training.recipes import (
     PRETRAIN_RECIPES,
     PRETRAIN_TOTAL_BATCH,
     apply_recipe,
+    card_lines,
     check_recipe_name,
+    note_model,
 )
 
 
@@ -189,6 +191,19 @@ def test_a_given_flag_wins_over_the_recipe_and_is_a_deviation():
                                                          "24"])
         apply_recipe("tiny", FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, 1, "fine-tuning", model_args, recipe,
                      training)
+
+
+def test_a_model_of_another_size_than_the_recipes_is_a_deviation():
+    """`--recipe tiny` training an atto (from a start folder or `--config_overrides`): the card and log say so, with
+    the architecture that was trained; the recipe's own size is no deviation."""
+    model_args, _, recipe, training = finetune_args(["--output_dir", "unused", "--recipe", "tiny"])
+    applied = apply_recipe("tiny", FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, 1, "fine-tuning", model_args, recipe,
+                           training)
+    note_model(applied, ConvNextV2Config.from_preset("tiny"))
+    assert applied.deviations == {}
+    note_model(applied, ConvNextV2Config.from_preset("atto"))
+    assert applied.deviations == {"model": "depths [2, 2, 6, 2], widths [40, 80, 160, 320]"}
+    assert "model depths [2, 2, 6, 2], widths [40, 80, 160, 320]" in card_lines(applied)["deviations from it"]
 
 
 def test_run_finetune_with_the_atto_recipe_on_a_tiny_folder(tmp_path):

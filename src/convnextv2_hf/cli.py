@@ -59,10 +59,11 @@ def quiet_transformers() -> None:
 
 def convert(args: argparse.Namespace) -> None:
     """Convert a reference-repository, timm or transformers checkpoint into this package's format."""
-    from .convert_convnextv2 import convert_checkpoint, read_id2label
+    from .convert_convnextv2 import check_license, convert_checkpoint, read_id2label
     from .hub import ensure_hub_available
     from .training.output_dir import claim_output_dir
 
+    check_license(args.license)  # before any work
     if args.push_to_hub:
         ensure_hub_available("push the converted model", args.hub_token)
     refuse_output_over_input(args.checkpoint, args.output_dir)

@@ -444,6 +444,28 @@ SOURCES = {"reference": "the reference repository (facebookresearch/ConvNeXt-V2)
 # The reference repository's weights are licensed CC-BY-NC 4.0 (its LICENSE); timm's ConvNeXt V2 weights are those
 # weights converted and carry the same licence.
 WEIGHT_LICENSES = {"reference": "cc-by-nc-4.0", "timm": "cc-by-nc-4.0"}
+# The Hugging Face Hub's licence identifiers (huggingface.co/docs/hub/repositories-licenses), as of 2026.
+HUB_LICENSES = frozenset("""
+    apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0 bigcode-openrail-m
+    afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0
+    cc-by-2.5 cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0
+    cc-by-nc-nd-3.0 cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0
+    cdla-permissive-1.0 cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 eupl-1.2 agpl-3.0 gfdl
+    gpl gpl-2.0 gpl-3.0 lgpl lgpl-2.1 lgpl-3.0 isc h-research intel-research lppl-1.3c ms-pl apple-ascl apple-amlr
+    mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib pddl lgpl-lr deepfloyd-if-license
+    fair-noncommercial-research-license llama2 llama3 llama3.1 llama3.2 llama3.3 llama4 gemma unknown other
+""".split())
+
+
+def check_license(license: str | None) -> str | None:
+    """`--license` as the hub takes it: one of its licence identifiers (lower case), else one line naming the fix."""
+    if license is None:
+        return None
+    if license.strip().lower() not in HUB_LICENSES:
+        shown = license if len(license) <= 40 else license[:40] + "..."
+        raise ValueError(f"--license {shown!r} is not a Hugging Face Hub licence identifier (e.g. apache-2.0, mit, "
+                         "cc-by-nc-4.0); for any other licence pass --license other and describe it in the card.")
+    return license.strip().lower()
 
 
 def checkpoint_kind(model, has_head: bool) -> str:
@@ -462,13 +484,13 @@ def conversion_card(model, checkpoint, source: str, has_head: bool, license: str
 
     from_folder = source == "transformers" and os.path.isdir(checkpoint)  # a file is not a hub id to inherit from
     recorded = inherited(str(checkpoint)) if from_folder else {}
-    license = license or recorded.get("license") or WEIGHT_LICENSES.get(source, "unknown")
+    license = check_license(license) or recorded.get("license") or WEIGHT_LICENSES.get(source, "unknown")
     kind = checkpoint_kind(model, has_head)
     return CardInfo(
         model_name=model_name,
         summary=f"ConvNeXt V2 {kind}, converted with `convnextv2-hf convert --from {source}` from "
                 f"`{Path(checkpoint).name}` of {SOURCES[source]}. The weights were not trained by convnextv2-hf.",
-        data="As the source's authors trained it (see the source); not retrained here.",
+        data="As the source's authors trained it (see the source); not retrained here.", made_by="Converted",
         recipe={"source": SOURCES[source], "source file": Path(checkpoint).name, "kind": kind,
                 "licence": license + ("" if license != "unknown" else " (not recorded: pass --license)")},
         license=license, base_model=recorded.get("base_model"), tags=["converted"],

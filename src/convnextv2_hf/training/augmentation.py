@@ -131,10 +131,16 @@ class SeededAugmentedDataset(TorchDataset):
 
     def __init__(self, dataset, image_column: str, label_column: str, transform, seed: int, unreadable):
         self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
-        self.transform, self.seed, self.unreadable, self.epoch = transform, seed, unreadable, 0
+        self.transform, self.seed, self.unreadable = transform, seed, unreadable
+        # in memory shared with the data-loader workers, so persistent workers see each new epoch
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)

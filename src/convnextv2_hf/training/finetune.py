@@ -32,7 +32,7 @@ from .checkpoints import (TRAINER_MARKER, check_same_model, find_checkpoint, sav
                           save_model_and_processor)
 from .mixup import MixupCutmixCollator
 from .models import gathered_model, init_head_small, load_classifier, training_processor
-from .recipes import FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, apply_recipe, card_lines
+from .recipes import FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, apply_recipe, card_lines, note_model
 from .output_dir import check_output_dir, checkpoint_bytes, claim_output_dir
 from .reporting import CardInfo, accuracy_eval_results, inherited, save_curves, save_model_card
 from .shards import sharded_source
@@ -65,11 +65,18 @@ class LabelledData:
 def parse_args(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, FinetuningArguments, TrainingArguments),
                               description="Fine-tune a ConvNeXt V2 image classifier with the Trainer.")
-    # Workers restart each epoch (not persistent): they then see the epoch that seeds the augmentation. Several
-    # processes without CUDA train together over gloo, not as independent runs that each think they are the first.
+    # Several processes without CUDA train together over gloo, not as independent runs that each think they are the
+    # first.
     parser.set_defaults(**REFERENCE_TRAINER_DEFAULTS, dataloader_num_workers=default_num_workers(),
                         use_cpu=use_cpu_processes())
     return parse_marking_given(parser, argv)
+
+
+def persistent_workers(training_args, given) -> None:
+    """Data-loader workers persist across epochs unless `--dataloader_persistent_workers` says otherwise (they read
+    the epoch that seeds the augmentation from shared memory); with no workers there is nothing to keep."""
+    if not given("dataloader_persistent_workers"):
+        training_args.dataloader_persistent_workers = training_args.dataloader_num_workers > 0
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,6 +97,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: Finetuning
     use_device_settings(recipe.deterministic)
     finetuning_precision(training_args, lambda name: flag_given(training_args, name))
     finetuning_pin_memory(training_args, lambda name: flag_given(training_args, name))
+    persistent_workers(training_args, lambda name: flag_given(training_args, name))
     check_ema_placement(recipe, training_args)
     push = training_args.push_to_hub
     if push:  # fail before any work; the Trainer's own push is replaced by ours (model, processor, card)
@@ -109,6 +117,7 @@ def finetune(model_args, data_args, recipe, training_args, resume: str | None, p
         return results
     seed_before_the_model(training_args)
     model, new_head = load_classifier(model_args, recipe, data.labels)
+    note_model(getattr(recipe, "applied_recipe", None), model.config)
     if new_head:
         init_head_small(model, recipe.head_init_scale)
     check_output_dir(training_args.output_dir, "--output_dir", resume=True, overwrite=True,

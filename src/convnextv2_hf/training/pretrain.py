@@ -33,7 +33,7 @@ from .masked_datasets import EpochSampler, EvaluationMaskedDataset, MaskedImageD
 from .models import build_fcmae, gathered_model
 from .optim import param_groups
 from .output_dir import check_output_dir, checkpoint_bytes, claim_output_dir
-from .recipes import PRETRAIN_RECIPES, PRETRAIN_TOTAL_BATCH, apply_recipe, card_lines
+from .recipes import PRETRAIN_RECIPES, PRETRAIN_TOTAL_BATCH, apply_recipe, card_lines, note_model
 from .reporting import CardInfo, inherited, save_curves, save_model_card, save_reconstruction_grid
 from .shards import sharded_source
 
@@ -82,6 +82,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: PretrainingA
 def pretrain(accelerator, model_args: ModelArguments, data_args: DataArguments, args: PretrainingArguments) -> dict:
     """The run itself, in an output folder this process holds."""
     model, processor = build_fcmae(model_args, args)  # before the data: its size checks are cheaper
+    note_model(getattr(args, "applied_recipe", None), model.config)
     check_free_space(args, model, accelerator)
     data = load_data(data_args, args, accelerator)
     fcmae_run = prepare_run(accelerator, model, processor, data, model_args, data_args, args)

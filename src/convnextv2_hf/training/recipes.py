@@ -91,6 +91,22 @@ def apply_recipe(name: str, recipes: dict, total_batch: int, world_size: int, sc
     return AppliedRecipe(name, settings, deviations)
 
 
+def note_model(applied: AppliedRecipe | None, config) -> None:
+    """A recipe names a size: a model of other depths or widths (from --config_overrides or a start folder) is a
+    deviation, logged and on the card, with what was trained."""
+    from ..configuration_convnextv2 import CONVNEXTV2_PRESETS
+
+    if applied is None or applied.name not in CONVNEXTV2_PRESETS:
+        return
+    depths, widths = (list(values) for values in CONVNEXTV2_PRESETS[applied.name])
+    if list(config.depths) != depths or list(config.hidden_sizes) != widths:
+        trained = f"depths {list(config.depths)}, widths {list(config.hidden_sizes)}"
+        applied.settings["model"] = f"{applied.name}: depths {depths}, widths {widths}"
+        applied.deviations["model"] = trained
+        logger.warning("--recipe %s: the model trained has %s, not the recipe's %s size.", applied.name, trained,
+                       applied.name)
+
+
 def card_lines(applied: AppliedRecipe | None) -> dict[str, str]:
     """A card's account of `--recipe`: which published recipe, and the flags given instead of its values."""
     if applied is None:

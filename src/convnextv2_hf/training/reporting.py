@@ -107,7 +107,7 @@ TEMPLATE = """---
 ## Model
 
 ConvNeXt V2 ({{ architecture }}): depths {{ depths }}, widths {{ widths }}, {{ params_m }} M parameters,
-stem stride {{ stem }} (mask cell {{ cell }} px). Trained with the `convnextv2-hf` Python package (version
+stem stride {{ stem }} (mask cell {{ cell }} px). {{ made_by }} with the `convnextv2-hf` Python package (version
 {{ version }}); the weights use transformers' ConvNeXt V2 layout.
 
 ## Data
@@ -157,6 +157,7 @@ class CardInfo:
     base_model: str | None = None
     tags: list[str] = field(default_factory=list)
     license: str = "apache-2.0"
+    made_by: str = "Trained"  # "Converted" for weights this package did not train
 
 
 def build_model_card(model, info: CardInfo) -> ModelCard:
@@ -205,6 +206,7 @@ def build_model_card(model, info: CardInfo) -> ModelCard:
         results=info.results,
         plots=info.plots,
         usage=usage,
+        made_by=info.made_by,
     )
 
 
