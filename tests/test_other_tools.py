@@ -191,6 +191,23 @@ def test_fsdp_asked_for_but_not_running_is_said(tmp_path):
     assert len(said) == 1 and "one process without distribution" in said[0]
 
 
+def test_a_multi_cpu_accelerate_config_run_as_one_process_is_said(tmp_path):
+    """`accelerate config` chose MULTI_CPU with 2 processes; `accelerate launch` runs it as one process (mpirun is
+    what would start more): the run says so in one warning and names the launch that gives two."""
+    home = tmp_path / "hf"
+    (home / "accelerate").mkdir(parents=True)
+    (home / "accelerate" / "default_config.yaml").write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\nnum_machines: 1\n"
+        "machine_rank: 0\nmixed_precision: 'no'\nuse_cpu: true\n")
+    images = make_image_folder(tmp_path / "images", per_class=4, corrupt=False)
+    result = run_as_user([sys.executable, "-m", "accelerate.commands.launch", str(REPO / "examples" / "pretraining" /
+                          "run_fcmae.py"), "--train_dir", str(images), "--output_dir", str(tmp_path / "out"),
+                          "--config_overrides", TINY_OVERRIDES, "--image_size", "32", "--per_device_train_batch_size",
+                          "4", "--max_train_steps", "1"], tmp_path, HF_HOME=str(home))
+    said = [line for line in assert_ok(result).splitlines() if "MULTI_CPU" in line]
+    assert len(said) == 1 and "--multi_gpu --num_processes 2" in said[0], result.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_fsdp_launched_on_cpu_processes_is_said_once(tmp_path):
     """`accelerate launch --use_fsdp` of 2 CPU processes runs DDP; the main process says so, the other does not."""

@@ -226,6 +226,27 @@ def use_cpu_processes() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+def multi_cpu_config_run_alone() -> str | None:
+    """A warning when Accelerate's default config asks for several CPU processes (`distributed_type: MULTI_CPU`)
+    but this is the only one: `accelerate launch` starts MULTI_CPU as one process unless under mpirun."""
+    import os
+
+    if "WORLD_SIZE" in os.environ or "ACCELERATE_USE_CPU" not in os.environ:  # not the simple launcher's run
+        return None
+    try:
+        from accelerate.commands.config import default_config_file, load_config_from_file
+
+        config = load_config_from_file(None) if os.path.isfile(default_config_file) else None
+    except Exception:  # noqa: BLE001 - an unreadable config is Accelerate's to report
+        return None
+    if config is None or config.distributed_type.value != "MULTI_CPU" or (config.num_processes or 1) <= 1:
+        return None
+    return (f"The Accelerate config ({default_config_file}) asks for {config.num_processes} CPU processes "
+            "(MULTI_CPU), but `accelerate launch` runs MULTI_CPU as one process unless under mpirun: this run is one "
+            f"process. For {config.num_processes} processes on this machine: accelerate launch --multi_gpu "
+            f"--num_processes {config.num_processes} (CPU data parallelism over gloo).")
+
+
 REFERENCE_TRAINER_DEFAULTS = dict(
     per_device_train_batch_size=64, num_train_epochs=100, learning_rate=None, weight_decay=0.05,
     lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": 1e-6}, label_smoothing_factor=0.1,

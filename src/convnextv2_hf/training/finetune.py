@@ -24,8 +24,8 @@ from ..hub import ensure_hub_available, push_folder_to_hub
 from ..metrics import metric_path
 from . import data as data_utils
 from .arguments import (REFERENCE_TRAINER_DEFAULTS, DataArguments, FinetuningArguments, ModelArguments,
-                        check_trainer_arguments, default_num_workers, flag_given, parse_marking_given,
-                        use_cpu_processes)
+                        check_trainer_arguments, default_num_workers, flag_given, multi_cpu_config_run_alone,
+                        parse_marking_given, use_cpu_processes)
 from .device_settings import finetuning_pin_memory, finetuning_precision, trainer_precision_line, use_device_settings
 from .augmentation import FinetuneTransform, SeededAugmentedDataset
 from .checkpoints import (TRAINER_MARKER, check_same_model, find_checkpoint, save_folder_atomically,
@@ -92,6 +92,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: Finetuning
                                              training_args.world_size, "fine-tuning", model_args, recipe,
                                              training_args)
     check_trainer_arguments(training_args)
+    if training_args.process_index == 0 and (alone := multi_cpu_config_run_alone()) is not None:
+        logger.warning(alone)
     use_device_settings(recipe.deterministic)
     finetuning_precision(training_args, lambda name: flag_given(training_args, name))
     finetuning_pin_memory(training_args, lambda name: flag_given(training_args, name))

@@ -23,8 +23,8 @@ from transformers import HfArgumentParser, get_scheduler
 from ..hub import ensure_hub_available, push_folder_to_hub
 from ..masking import random_masking
 from . import data as data_utils
-from .arguments import (DataArguments, ModelArguments, PretrainingArguments, default_num_workers, parse_marking_given,
-                        use_cpu_processes)
+from .arguments import (DataArguments, ModelArguments, PretrainingArguments, default_num_workers,
+                        multi_cpu_config_run_alone, parse_marking_given, use_cpu_processes)
 from .augmentation import PretrainTransform
 from .checkpoints import PRETRAINING_MARKER, save_folder_atomically, save_model_and_processor
 from .device_settings import default_mixed_precision, precision_description, use_device_settings
@@ -164,6 +164,8 @@ def say_if_not_as_configured(accelerator) -> None:
     (the main process)."""
     if not accelerator.is_main_process:
         return
+    if (alone := multi_cpu_config_run_alone()) is not None:
+        logger.warning(alone)
     asked = [kind for variable, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED"))
              if os.environ.get(variable, "false").lower() in ("1", "true")]
     running = accelerator.distributed_type.value
