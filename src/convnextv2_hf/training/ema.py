@@ -59,9 +59,10 @@ class ModelEMA(torch.nn.Module):
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The module itself under `torch.compile`'s and DDP's wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    """The module itself under `torch.compile`'s and DDP's wrappers (Accelerate's own unwrapping)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_torch_compile=False)
 
 
 def paired_tensors(averaged: torch.nn.Module, model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
