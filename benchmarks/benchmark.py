@@ -120,7 +120,7 @@ def finetune_worker(job: dict) -> dict:
 
     from convnextv2_hf import ConvNextV2Config, ConvNextV2ForImageClassification
     from convnextv2_hf.training.arguments import FinetuningArguments
-    from convnextv2_hf.training.augmentation import FinetuneTransform, sample_generator
+    from convnextv2_hf.training.data.transforms import FinetuneTransform, sample_generator
 
     device, batch, size = job["device"], job["batch_size"], job["image_size"]
     torch.manual_seed(0)

@@ -48,7 +48,7 @@ def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 kind, root = sys.argv[1], sys.argv[2]
 if kind == "ours":
-    from convnextv2_hf.training.data import folder_dataset, scan_folder
+    from convnextv2_hf.training.data.folders import folder_dataset, scan_folder
     folder_dataset(scan_folder(root + "/class000", "--train_dir"), labelled=False)  # the modules it imports lazily
     before = rss()
     index = folder_dataset(scan_folder(root, "--train_dir"), labelled=True)
@@ -66,8 +66,8 @@ kind, files = sys.argv[1], json.loads(sys.argv[2])
 mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 if kind.startswith("ours"):
     from convnextv2_hf.training.arguments import FinetuningArguments
-    from convnextv2_hf.training.augmentation import FinetuneTransform, PretrainTransform, sample_generator
-    from convnextv2_hf.training.data import open_image_header
+    from convnextv2_hf.training.data.transforms import FinetuneTransform, PretrainTransform, sample_generator
+    from convnextv2_hf.training.data.decoding import open_image_header
     if kind == "ours-finetune":  # the reference recipe's: RandAugment rand-m9-mstd0.5-inc1, erasing 0.25
         transform = FinetuneTransform.from_recipe(224, mean, std, FinetuningArguments())
     else:  # what run_fcmae.py's workers do: uint8 crops, normalised on the training device
@@ -119,7 +119,7 @@ def synthetic_folder(root: Path, images: int, classes: int = 100) -> Path:
 
 
 def synthetic_shards(folder: Path, root: Path, kind: str) -> Path:
-    from convnextv2_hf.training.shards import write_shards
+    from convnextv2_hf.training.data.shard_writer import write_shards
 
     if not (root / "classes.json").exists():
         write_shards(str(folder), str(root), kind, images_per_shard=1000)

@@ -62,7 +62,7 @@ def training_batch(batch_size: int, image_size: int, cell: int, device: str, mas
     import torch
 
     from convnextv2_hf.masking import random_masking
-    from convnextv2_hf.training.masked_datasets import collate
+    from convnextv2_hf.training.data.masked_datasets import collate
 
     cells = (image_size // cell,) * 2
     generator = torch.Generator().manual_seed(0)
@@ -168,7 +168,7 @@ def ema_job(preset: str, plan: dict, device: str) -> dict:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from convnextv2_hf import ConvNextV2ForImageClassification
-    from convnextv2_hf.training.ema import ModelEMA
+    from convnextv2_hf.training.loops.ema import ModelEMA
 
     model = ConvNextV2ForImageClassification(model_config(preset, num_labels=1000)).to(device)
     ours = ModelEMA(model, 0.9999)

@@ -228,7 +228,7 @@ torch.save({"scores": scores, "pixels": pixels, "logits": logits,
 OURS_SERVING = """
 import sys, torch
 from convnextv2_hf import ConvNextV2ForImageClassification, ConvNextV2ImageProcessor
-from convnextv2_hf.training.data import decode_image
+from convnextv2_hf.training.data.decoding import decode_image
 folder, image, out = sys.argv[1:4]
 processor = ConvNextV2ImageProcessor.from_pretrained(folder)
 model = ConvNextV2ForImageClassification.from_pretrained(folder).eval()

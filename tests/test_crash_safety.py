@@ -18,9 +18,11 @@ from safetensors.torch import load_file
 
 from conftest import REPO, TINY_OVERRIDES, make_image_folder, user_env, write_photo
 from convnextv2_hf import ConvNextV2ImageProcessor
-from convnextv2_hf.training.checkpoints import CheckpointWriteError, NonFiniteLossError, complete_checkpoints
+from convnextv2_hf.outputs.staging import CheckpointWriteError
+from convnextv2_hf.outputs.staging import complete_checkpoints
+from convnextv2_hf.training.checkpoints import NonFiniteLossError
 from convnextv2_hf.training.finetune import main as finetune
-from convnextv2_hf.training.output_dir import LOCK_NAME, OutputDirError, OutputDirLock, check_output_dir
+from convnextv2_hf.outputs.output_dir import LOCK_NAME, OutputDirError, OutputDirLock, check_output_dir
 from convnextv2_hf.training.pretrain import main as pretrain
 
 FINETUNE_SCRIPT = REPO / "examples" / "classification" / "run_finetune.py"
@@ -172,16 +174,16 @@ def test_full_disk_at_a_finetuning_checkpoint_keeps_the_last_good_one(images, tm
 
 
 def test_nan_pixels_stop_pretraining_and_keep_the_previous_checkpoint(images, tmp_path, monkeypatch):
-    from convnextv2_hf.training import fcmae_engine
+    from convnextv2_hf.training.loops import fcmae
 
-    original, calls = fcmae_engine.normalize_pixels, []
+    original, calls = fcmae.normalize_pixels, []
 
     def nan_after_two_steps(pixels, mean, std):  # the batch as the model gets it, normalised on the device
         calls.append(1)
         normalised = original(pixels, mean, std)
         return normalised.fill_(float("nan")) if len(calls) > 2 else normalised
 
-    monkeypatch.setattr(fcmae_engine, "normalize_pixels", nan_after_two_steps)
+    monkeypatch.setattr(fcmae, "normalize_pixels", nan_after_two_steps)
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteLossError, match=r"became nan at step 3.*checkpoint-2"):
         pretrain(pretrain_args(images, out, "--max_train_steps", "6", "--checkpointing_steps", "1",
@@ -227,7 +229,7 @@ def test_checks_and_counts_before_training(images, tmp_path):
 def test_one_decoder_turns_photos_upright_as_the_pipeline_does(tmp_path):
     from transformers.image_utils import load_image
 
-    from convnextv2_hf.training.data import decode_image
+    from convnextv2_hf.training.data.decoding import decode_image
 
     photo = write_photo(tmp_path / "photo.jpg", size=(120, 80), orientation=6)  # stored landscape, shown portrait
     ours = decode_image({"path": str(photo), "bytes": None})
@@ -263,7 +265,7 @@ def test_processor_inputs_that_used_to_be_misread():
 
 def test_a_resume_on_another_number_of_processes_is_refused(tmp_path):
     """Two processes' checkpoint resumed by one used to run on, following neither learning-rate schedule."""
-    from convnextv2_hf.training.fcmae_engine import check_same_processes
+    from convnextv2_hf.training.loops.fcmae import check_same_processes
 
     for rank in range(2):
         (tmp_path / f"random_states_{rank}.pkl").write_bytes(b"")

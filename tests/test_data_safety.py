@@ -11,7 +11,7 @@ from conftest import (CLI, FINETUNE, PRETRAIN, TINY_OVERRIDES, assert_one_line, 
                       run_as_user, tiny_config)
 from convnextv2_hf import ConvNextV2ForImageClassification
 from convnextv2_hf.convert_convnextv2 import export_checkpoint
-from convnextv2_hf.training.manifest import MANIFEST_NAME
+from convnextv2_hf.outputs.manifest import MANIFEST_NAME
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -93,7 +93,7 @@ def test_demo_never_deletes_folders_it_did_not_write(tmp_path):
 
 
 def test_demo_refuses_images_inside_its_own_outputs(tmp_path):
-    from convnextv2_hf.training.manifest import record
+    from convnextv2_hf.outputs.manifest import record
 
     project = tmp_path / "proj"
     make_image_folder(project / "data" / "train", per_class=2, corrupt=False)

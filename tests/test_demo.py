@@ -67,3 +67,24 @@ def test_own_folders_keep_only_images_of_class_folders(tmp_path):
     files, classes = list_folder(root)
     assert classes == ["cats", "dogs"] and len(files) == 6
     assert all(path.suffix == ".png" and classes[label] == path.parent.name for path, label in files)
+
+
+def test_pictures_name_every_line_tick_and_masked_cell(tmp_path, monkeypatch):
+    """The label-efficiency plot names its last tick "all (N)", not the mean per class; every curve is in a legend;
+    masked cells are drawn in a colour of their own, not white or black like the digits' strokes and background."""
+    import matplotlib.pyplot as plt
+    import torch
+
+    from convnextv2_hf.training.plots import MASKED_COLOUR, as_rgb, save_curves
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    save_curves({"FCMAE": ([1, 10, 125.8], [0.5, 0.7, 0.9])}, str(tmp_path / "a.png"), "t", logx=True,
+                tick_labels={125.8: "all (126)"}, ylim=(0, 1))
+    axes = figures[-1].axes[0]
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["1", "10", "all (126)"]
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["FCMAE"] and axes.get_ylim() == (0, 1)
+    grey = torch.tensor([[[[0.0, 1.0], [float("nan"), 0.5]]]])  # one channel, one masked pixel
+    shown = as_rgb(grey)
+    assert shown.shape == (1, 3, 2, 2) and shown[0, :, 1, 0].tolist() == pytest.approx(MASKED_COLOUR)
+    assert shown[0, :, 0, 1].tolist() == [1.0, 1.0, 1.0]

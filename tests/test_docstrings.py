@@ -13,7 +13,7 @@ MODULES = [
     "convnextv2_hf.image_processing_convnextv2",
     "convnextv2_hf.inference",
     "convnextv2_hf.analysis",
-    "convnextv2_hf.training.optim",
+    "convnextv2_hf.training.loops.optim",
 ]
 
 

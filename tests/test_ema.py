@@ -7,7 +7,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from conftest import tiny_config
 from convnextv2_hf import ConvNextV2ForImageClassification
-from convnextv2_hf.training.ema import ModelEMA
+from convnextv2_hf.training.loops.ema import ModelEMA
 from test_gpu_readiness import SyncCounter
 
 

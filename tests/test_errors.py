@@ -212,3 +212,20 @@ def test_hub_token_reaches_the_upload(inputs, tmp_path, monkeypatch):
                                            "me/model", "--hub_token", "hf_secret"])
     assert seen == {"folder": str(tmp_path / "out"), "repo": "me/model", "token": "hf_secret"}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "convnextv2"
+
+
+def test_every_command_line_option_says_what_it_does_and_its_default(tmp_path):
+    import argparse
+
+    from conftest import CLI, assert_ok, run_as_user
+    from convnextv2_hf.cli import build_parser
+    from convnextv2_hf.demo import build_parser as demo_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parsers = {name: p for name, p in commands.choices.items() if name != "demo"} | {"demo": demo_parser()}
+    silent = [f"{name} {action.option_strings[0]}" for name, parser in parsers.items() for action in parser._actions
+              if action.option_strings and action.option_strings[0] != "-h" and not action.help]
+    assert not silent, silent
+    shown = assert_ok(run_as_user(CLI + ["write-shards", "--help"], tmp_path, timeout=60))
+    assert "(default: 1000)" in shown and "(default: webdataset)" in shown
+    assert "(default: 1500)" in assert_ok(run_as_user(CLI + ["demo", "--help"], tmp_path, timeout=60))

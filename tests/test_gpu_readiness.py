@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import tiny_config, with_active_grn
 from convnextv2_hf import ConvNextV2ForMaskedImageModeling
 from convnextv2_hf.masking import random_masking
-from convnextv2_hf.training.masked_datasets import collate
+from convnextv2_hf.training.data.masked_datasets import collate
 
 # aten ops that copy a value or a data-dependent shape back to the host: each one waits for the GPU
 SYNCING = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique", "_unique2", "unique_consecutive",
@@ -157,7 +157,7 @@ def test_deterministic_runs_repeat_bit_for_bit(tmp_path):
 def test_the_ema_follows_the_model_to_its_device():
     """The Trainer moves the model after the callback is made; the EMA must follow (a stand-in device: meta)."""
     from convnextv2_hf import ConvNextV2ForImageClassification
-    from convnextv2_hf.training.trainer import EMACallback
+    from convnextv2_hf.training.loops.trainer import EMACallback
 
     model = ConvNextV2ForImageClassification(tiny_config())
     callback = EMACallback(model, 0.9)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from conftest import (CLI, FINETUNE, PRETRAIN, TINY_OVERRIDES, assert_ok, assert_one_line, make_image_folder,
                       run_as_user, tiny_config)
 from convnextv2_hf import ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling, ConvNextV2ImageProcessor
-from convnextv2_hf.training.checkpoints import save_model_and_processor
+from convnextv2_hf.outputs.staging import save_model_and_processor
 
 SMALL = ["--image_size", "32", "--per_device_train_batch_size", "4", "--seed", "0"]
 

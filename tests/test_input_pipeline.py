@@ -8,10 +8,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import make_image_folder, write_photo
-from convnextv2_hf.training import augmentation
-from convnextv2_hf.training.augmentation import PretrainTransform, sample_generator
-from convnextv2_hf.training.data import (UnreadableImageError, UnreadableImages, decode_image, folder_dataset,
-                                         open_image_header, scan_folder)
+from convnextv2_hf.training.data import transforms
+from convnextv2_hf.training.data.transforms import PretrainTransform, sample_generator
+from convnextv2_hf.training.data.decoding import UnreadableImageError, UnreadableImages, decode_image, open_image_header
+from convnextv2_hf.training.data.folders import folder_dataset, scan_folder
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -22,7 +22,7 @@ def test_reduced_jpeg_decoding_cuts_the_same_box_with_close_pixels(tmp_path, mon
     decoded image, the decoded image really is smaller, and the pixels differ only by the decoders' rounding."""
     photo = write_photo(tmp_path / "photo.jpg", size=(2400, 1600), orientation=orientation)
     boxes, decoded_sizes = [], []
-    draw, load = augmentation.random_resized_crop_box, augmentation.load_image
+    draw, load = transforms.random_resized_crop_box, transforms.load_image
 
     def record_box(*args, **kwargs):
         boxes.append(draw(*args, **kwargs))
@@ -32,8 +32,8 @@ def test_reduced_jpeg_decoding_cuts_the_same_box_with_close_pixels(tmp_path, mon
         decoded_sizes.append(load(*args, **kwargs).size)
         return load(*args, **kwargs)
 
-    monkeypatch.setattr(augmentation, "random_resized_crop_box", record_box)
-    monkeypatch.setattr(augmentation, "load_image", record_size)
+    monkeypatch.setattr(transforms, "random_resized_crop_box", record_box)
+    monkeypatch.setattr(transforms, "load_image", record_size)
     transform = PretrainTransform(64, MEAN, STD)
     full = decode_image({"path": str(photo), "bytes": None})
     upright = (1600, 2400) if orientation == 6 else (2400, 1600)
@@ -123,15 +123,15 @@ LIST_ON_TWO_PROCESSES = """
 import json, sys
 from pathlib import Path
 from accelerate import PartialState
-from convnextv2_hf.training import data
+from convnextv2_hf.training.data import sources
 from convnextv2_hf.training.arguments import DataArguments
 
 scans = []
-scan = data.scan_folder
-data.scan_folder = lambda *args, **kwargs: scans.append(args[0]) or scan(*args, **kwargs)
+scan = sources.scan_folder
+sources.scan_folder = lambda *args, **kwargs: scans.append(args[0]) or scan(*args, **kwargs)
 state = PartialState(cpu=True)
 try:
-    splits, ignored = data.load_image_dataset(DataArguments(train_dir=sys.argv[1], validation_dir=sys.argv[2]),
+    splits, ignored = sources.load_image_dataset(DataArguments(train_dir=sys.argv[1], validation_dir=sys.argv[2]),
                                               labelled=True)
     found = {name: [split.features["label"].names, list(split["image"]), list(split["label"])] for name, split in splits.items()}
 except ValueError as error:
@@ -173,8 +173,8 @@ def test_a_folder_is_listed_once_per_machine(tmp_path):
 def test_uint8_crops_normalised_in_the_training_process_are_the_workers_values_bit_for_bit(tmp_path):
     """Pre-training's loader hands over uint8 crops and the training process normalises them on its device: the
     model sees exactly what a loader that normalised in its workers gave it."""
-    from convnextv2_hf.training.augmentation import normalize_pixels
-    from convnextv2_hf.training.masked_datasets import collate
+    from convnextv2_hf.training.data.transforms import normalize_pixels
+    from convnextv2_hf.training.data.masked_datasets import collate
 
     photo = write_photo(tmp_path / "photo.jpg", size=(640, 480), orientation=6)
     image = decode_image({"path": str(photo), "bytes": None})
@@ -190,7 +190,7 @@ def test_uint8_crops_normalised_in_the_training_process_are_the_workers_values_b
 def test_persistent_fine_tuning_workers_see_each_new_epoch(tmp_path):
     """Fine-tuning's workers persist across epochs; each sample's augmentation is seeded by (seed, epoch, index),
     so a worker started in epoch 0 must augment with epoch 1's seed after `set_epoch(1)`."""
-    from convnextv2_hf.training.augmentation import SeededAugmentedDataset
+    from convnextv2_hf.training.data.transforms import SeededAugmentedDataset
 
     rows = rows_of(make_image_folder(tmp_path / "images", per_class=2, corrupt=False))
     dataset = SeededAugmentedDataset(rows, "image", "label", lambda image, generator: torch.rand(1, generator=generator),

@@ -3,6 +3,8 @@
 import ast
 import sys
 
+import pytest
+
 from conftest import REPO, tiny_config
 from convnextv2_hf import ConvNextV2ForMaskedImageModeling, ConvNextV2ImageProcessor
 
@@ -60,16 +62,88 @@ def test_checkpoints_carry_flat_files_that_import_only_each_other_torch_and_tran
                 assert not chain.startswith("torch.ops") and not private, (name, chain)
 
 
-def test_old_training_paths_still_import_with_a_warning():
-    import importlib
-    import warnings
+REMOVED_IN_0_3 = ("pretrain", "finetune", "data", "transforms", "optim", "plots", "model_card")
 
-    moved = {"pretrain": "main", "finetune": "main", "data": "open_image", "transforms": "PretrainTransform",
-             "optim": "param_groups", "plots": "save_curves", "model_card": "save_model_card"}
-    for module, name in moved.items():
-        sys.modules.pop(f"convnextv2_hf.{module}", None)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            old = importlib.import_module(f"convnextv2_hf.{module}")
-        assert callable(getattr(old, name)), module
-        assert any(issubclass(w.category, DeprecationWarning) and "training" in str(w.message) for w in caught), module
+
+def test_the_deprecated_root_modules_are_gone_and_the_changelog_says_where_they_went():
+    import importlib
+
+    changelog = (REPO / "CHANGELOG.md").read_text()
+    for module in REMOVED_IN_0_3:
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(f"convnextv2_hf.{module}")
+        assert f"`convnextv2_hf.{module}`" in changelog, module
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Every module of the package and the package modules it imports, at the top or inside a function."""
+    root = REPO / "src"
+    modules = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in (root / "convnextv2_hf").rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                candidates = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            else:
+                continue
+            edges |= {c for c in candidates if c in modules and c != name}
+        graph[name] = edges
+    return graph
+
+
+def test_no_import_cycles_between_modules():
+    graph, state, cycles = package_imports(), {}, []
+
+    def visit(module, path):
+        state[module] = "open"
+        for imported in sorted(graph[module]):
+            if state.get(imported) == "open":
+                cycles.append(path[path.index(imported):] + [imported])
+            elif imported not in state:
+                visit(imported, path + [imported])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert len(graph) > 40 and not cycles, cycles
+
+
+def test_library_side_never_imports_the_training_toolkit():
+    graph = package_imports()
+    library = [m for m in graph if not m.startswith(("convnextv2_hf.training", "convnextv2_hf.demo", "convnextv2_hf.cli"))]
+    leaks = {m: sorted(i for i in graph[m] if i.startswith("convnextv2_hf.training")) for m in library}
+    assert not any(leaks.values()), leaks
+
+
+CONVERT_AND_EXPORT = """
+import json, sys
+from convnextv2_hf.cli import main
+folder, checkpoint, exported = sys.argv[1:4]
+assert main(["convert", "--from", "reference", "--checkpoint", checkpoint, "--output_dir", folder]) == 0
+assert main(["export", "--to", "timm", "--model_name_or_path", folder, "--output", exported]) == 0
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "datasets" or m.startswith("convnextv2_hf.training"))))
+"""
+
+
+def test_converting_and_exporting_import_neither_the_training_toolkit_nor_datasets(tmp_path):
+    import json
+
+    from conftest import assert_ok, run_as_user
+    from convnextv2_hf import ConvNextV2ForImageClassification
+    from convnextv2_hf.convert_convnextv2 import export_checkpoint
+
+    export_checkpoint(ConvNextV2ForImageClassification(tiny_config()), "reference", tmp_path / "ref.pth")
+    result = run_as_user([sys.executable, "-c", CONVERT_AND_EXPORT, str(tmp_path / "hf"), str(tmp_path / "ref.pth"),
+                          str(tmp_path / "timm.safetensors")], tmp_path, timeout=120)
+    out = assert_ok(result)
+    assert (tmp_path / "hf" / "README.md").is_file() and (tmp_path / "timm.safetensors").is_file()
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [], out

@@ -16,7 +16,7 @@ from conftest import (CLI, REPO, TINY_OVERRIDES, assert_ok, make_image_folder, p
 from convnextv2_hf import ConvNextV2Config, ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
 from convnextv2_hf import ConvNextV2ImageProcessor
 from convnextv2_hf.convert_convnextv2 import export_checkpoint
-from convnextv2_hf.training.checkpoints import save_model_and_processor
+from convnextv2_hf.outputs.staging import save_model_and_processor
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

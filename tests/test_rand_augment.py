@@ -11,17 +11,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from convnextv2_hf.training.rand_augment import (
-    INCREASING_OPS,
-    ORIGINAL_OPS,
-    SIGNED_OPS,
-    ColorJitter,
-    RandAugment,
-    RandomErasing,
-    apply_op,
-    mean_fill,
-    op_argument,
-)
+from convnextv2_hf.training.data.rand_augment import (
+    INCREASING_OPS, ORIGINAL_OPS, SIGNED_OPS, ColorJitter, RandAugment, RandomErasing, apply_op, mean_fill,
+    op_argument)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "augment_timm.safetensors"
 IMAGENET_FILL = mean_fill((0.485, 0.456, 0.406))
@@ -58,7 +50,7 @@ def test_config_string_means_what_timm_reads():
 
 def applied_ops(policy: RandAugment, samples: int, monkeypatch) -> list[tuple[str, float, int]]:
     """(op, magnitude, sign) of every op `policy` applies to `samples` images, each seeded by its index."""
-    import convnextv2_hf.training.rand_augment as module
+    import convnextv2_hf.training.data.rand_augment as module
 
     records = []
     monkeypatch.setattr(module, "op_argument", lambda name, magnitude, sign: records.append((name, magnitude, sign)))
@@ -129,7 +121,7 @@ def test_colour_jitter_stays_within_its_range_and_is_seeded():
 
 def test_the_fine_tuning_transform_is_seeded_per_sample_and_off_means_off():
     from convnextv2_hf.training.arguments import FinetuningArguments
-    from convnextv2_hf.training.augmentation import FinetuneTransform, PretrainTransform, sample_generator
+    from convnextv2_hf.training.data.transforms import FinetuneTransform, PretrainTransform, sample_generator
 
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -13,10 +13,10 @@ from conftest import REPO, make_image_folder, run_as_user
 
 from convnextv2_hf import ConvNextV2Config, ConvNextV2ForMaskedImageModeling, ConvNextV2ImageProcessor
 from convnextv2_hf.training.arguments import REFERENCE_TRAINER_DEFAULTS, default_num_workers
-from convnextv2_hf.training.fcmae_engine import TrainingPlan
+from convnextv2_hf.training.loops.fcmae import TrainingPlan
 from convnextv2_hf.training.finetune import parse_args as finetune_args
 from convnextv2_hf.training.models import fcmae_overrides
-from convnextv2_hf.training.optim import param_groups
+from convnextv2_hf.training.loops.optim import param_groups
 from convnextv2_hf.training.pretrain import parse_args as pretrain_args
 from convnextv2_hf.training.recipes import (
     FINETUNE_RECIPES,

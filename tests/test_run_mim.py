@@ -10,8 +10,8 @@ from transformers import Trainer, TrainingArguments
 
 from conftest import make_image_folder, tiny_config
 from convnextv2_hf import ConvNextV2ForMaskedImageModeling
-from convnextv2_hf.training.augmentation import PretrainTransform
-from convnextv2_hf.training.data import decode_image
+from convnextv2_hf.training.data.transforms import PretrainTransform
+from convnextv2_hf.training.data.decoding import decode_image
 
 
 class SimMIMMaskGenerator:

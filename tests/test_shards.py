@@ -13,7 +13,8 @@ from PIL import Image
 from conftest import (CLI, PRETRAIN, TINY_OVERRIDES as TINY, assert_one_line, launch_two_processes, make_image_folder,
                       run_as_user)
 from convnextv2_hf.training.pretrain import main as pretrain
-from convnextv2_hf.training.shards import load_shards, write_shards
+from convnextv2_hf.training.data.shards import load_shards
+from convnextv2_hf.training.data.shard_writer import write_shards
 
 SUFFIX = {"webdataset": ".tar", "parquet": ".parquet"}
 
@@ -55,8 +56,8 @@ def test_processes_and_workers_each_read_their_own_part(shards):
     from datasets.distributed import split_dataset_by_node
     from torch.utils.data import DataLoader
 
-    from convnextv2_hf.training.data import undecoded
-    from convnextv2_hf.training.masked_datasets import StreamingMaskedImageDataset, collate
+    from convnextv2_hf.training.data.sources import undecoded
+    from convnextv2_hf.training.data.masked_datasets import StreamingMaskedImageDataset, collate
 
     train = undecoded(load_shards([str(shards / "numbered-webdataset" / "*.tar")], "--train_files")["train"], "jpg")
     widths = []
@@ -193,7 +194,7 @@ def test_a_folder_of_mixed_image_formats_comes_back_whole(tmp_path, kind):
     write_shards(str(folder), str(tmp_path / "out"), kind, images_per_shard=5, num_proc=1)
     train = load_shards([str(tmp_path / "out" / f"*{SUFFIX[kind]}")], "--train_files")["train"]
     image_column, label_column = ("jpg", "cls") if kind == "webdataset" else ("image", "label")
-    from convnextv2_hf.training.data import undecoded
+    from convnextv2_hf.training.data.sources import undecoded
 
     rows = list(undecoded(train, image_column))
     back = {row[image_column]["bytes"]: ["a", "b"][row[label_column]] for row in rows}
@@ -205,7 +206,7 @@ def test_a_folder_of_mixed_image_formats_comes_back_whole(tmp_path, kind):
 def test_a_shard_set_that_write_shards_did_not_finish_is_refused(shards, tmp_path):
     """A killed write-shards leaves its folder marked unfinished (and maybe a `.partial` shard): refused in one line,
     not trained on without its missing shards and labels. A finished set has no marker."""
-    from convnextv2_hf.training.shards import UNFINISHED
+    from convnextv2_hf.training.data.shards import UNFINISHED
 
     complete = shards / "numbered-webdataset"
     assert not (complete / UNFINISHED).exists() and (complete / "classes.json").exists()

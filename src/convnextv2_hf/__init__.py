@@ -5,8 +5,9 @@ Three layers:
 - **Model side** (`configuration_convnextv2`, `modeling_convnextv2`, `sparse_backends`, `sparse_ops`, `masking`,
   `image_processing_convnextv2`): flat modules that import only torch, transformers and each other, because FCMAE
   checkpoints carry them as their `trust_remote_code` files.
-- **Library side** (`inference`, `convert_convnextv2`, `analysis`, `hub`, `metrics`, `cli`, `demo`): never shipped.
-- **Training toolkit** (`training/`): arguments, data, augmentation, checkpoints, optimizer, engines, reporting.
+- **Library side** (`inference`, `convert_convnextv2`, `weights`, `analysis`, `hub`, `metrics`, `outputs/`, `cli`,
+  `demo/`): never shipped in checkpoints; conversion and export use none of the training toolkit.
+- **Training toolkit** (`training/`): arguments and recipes, `data/`, `loops/`, checkpoints and plots.
 
 Importing the package registers the classes with the `transformers` Auto classes. Classifier, backbone and base
 model folders are plain transformers checkpoints; only FCMAE folders carry code, since transformers has no FCMAE.
@@ -33,7 +34,7 @@ from .modeling_convnextv2 import (
     ConvNextV2PreTrainedModel,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 AutoConfig.register(ConvNextV2Config.model_type, ConvNextV2Config, exist_ok=True)
 AutoModel.register(ConvNextV2Config, ConvNextV2Model, exist_ok=True)

@@ -16,6 +16,10 @@ DEBUG_ENV = "CONVNEXTV2_HF_DEBUG"
 # Raised on purpose for bad inputs (ValueError, OSError and subclasses, KeyError from conversion, RuntimeError from
 # hub and dataset loading, ImportError for optional engines); anything else is a bug and keeps its traceback.
 EXPECTED_ERRORS = (ValueError, OSError, KeyError, RuntimeError, ImportError)
+HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
+DESCRIPTION = ("ConvNeXt V2 and FCMAE for the Hugging Face ecosystem: convert and export checkpoints, write image "
+               "shards, run the demo. Training: examples/pretraining/run_fcmae.py and "
+               "examples/classification/run_finetune.py.")
 
 
 def one_line(error: BaseException) -> str:
@@ -59,9 +63,10 @@ def quiet_transformers() -> None:
 
 def convert(args: argparse.Namespace) -> None:
     """Convert a reference-repository, timm or transformers checkpoint into this package's format."""
-    from .convert_convnextv2 import check_license, convert_checkpoint, read_id2label
+    from .outputs.cards import check_license
+    from .convert_convnextv2 import convert_checkpoint, read_id2label
     from .hub import ensure_hub_available
-    from .training.output_dir import claim_output_dir
+    from .outputs.output_dir import claim_output_dir
 
     check_license(args.license)  # before any work
     if args.push_to_hub:
@@ -82,7 +87,7 @@ def refuse_output_over_input(checkpoint: str, output_dir: str) -> None:
     """`--checkpoint` must not be `--output_dir` itself nor a file there that the conversion writes."""
     from fnmatch import fnmatch
 
-    from .training.output_dir import RUN_OUTPUTS
+    from .outputs.output_dir import RUN_OUTPUTS
 
     source, target = Path(checkpoint).resolve(), Path(output_dir).resolve()
     if source == target or (source.parent == target and any(fnmatch(source.name, p) for p in RUN_OUTPUTS)):
@@ -94,8 +99,8 @@ def export(args: argparse.Namespace) -> None:
     """Write one of our checkpoints in the reference repository's or timm's layout."""
     from . import ConvNextV2Config, ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
     from .convert_convnextv2 import export_checkpoint
-    from .training.models import load_checked
-    from .training.reporting import start_card
+    from .weights import load_checked
+    from .outputs.cards import start_card
 
     source, output = args.model_name_or_path, Path(args.output)
     if not os.path.isdir(source) and (os.path.exists(source) or source.startswith((".", "/", "~")) or source.count("/") > 1):
@@ -119,7 +124,7 @@ def export(args: argparse.Namespace) -> None:
 
 def write_shards(args: argparse.Namespace) -> None:
     """Write an image folder as webdataset (.tar) or parquet shards, for --train_files on many machines."""
-    from .training.shards import write_shards as write
+    from .training.data.shard_writer import write_shards as write
 
     written = write(args.train_dir, args.output_dir, args.format, args.images_per_shard, args.num_proc)
     print(f"wrote {len(written)} {args.format} shard(s) to {args.output_dir}; pre-train on them with "
@@ -127,36 +132,41 @@ def write_shards(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convnextv2-hf", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="convnextv2-hf", description=DESCRIPTION,
                                      epilog=f"--debug (or {DEBUG_ENV}=1) shows full tracebacks.")
     commands = parser.add_subparsers(dest="command", required=True)
-    conv = commands.add_parser("convert", help=convert.__doc__)
-    conv.add_argument("--from", dest="source", required=True, choices=["reference", "timm", "transformers"])
+    conv = commands.add_parser("convert", help=convert.__doc__, formatter_class=HELP_FORMAT)
+    conv.add_argument("--from", dest="source", required=True, choices=["reference", "timm", "transformers"],
+                      help="the layout of --checkpoint")
     conv.add_argument("--checkpoint", required=True, help="a .pth/.pt/.bin/.safetensors file or a model folder")
-    conv.add_argument("--output_dir", required=True)
+    conv.add_argument("--output_dir", required=True, help="folder for the converted model, processor and card")
     conv.add_argument("--overwrite_output_dir", action="store_true", help="replace a model already in --output_dir")
     conv.add_argument("--task", default="auto", choices=["auto", "fcmae", "classification"],
                       help="auto: FCMAE checkpoints -> masked image modeling (with decoder), others -> classifier")
     conv.add_argument("--id2label", help="JSON file: a list of class names or an {index: name} object")
-    conv.add_argument("--license", help="licence of the weights for the card (default: the source's; CC-BY-NC 4.0 "
+    conv.add_argument("--license", help="hub licence id of the weights for the card; None: the source's (CC-BY-NC 4.0 "
                       "for the reference's and timm's ConvNeXt V2 weights)")
-    conv.add_argument("--push_to_hub", action="store_true")
-    conv.add_argument("--hub_model_id")
-    conv.add_argument("--hub_token")
+    conv.add_argument("--push_to_hub", action="store_true", help="upload the converted folder to the hub")
+    conv.add_argument("--hub_model_id", help="hub repository to push to; None: the --output_dir name")
+    conv.add_argument("--hub_token", help="hub token; None: the one `hf auth login` saved")
     conv.set_defaults(func=convert)
-    exp = commands.add_parser("export", help=export.__doc__)
-    exp.add_argument("--to", dest="layout", required=True, choices=["reference", "timm"])
-    exp.add_argument("--model_name_or_path", required=True)
+    exp = commands.add_parser("export", help=export.__doc__, formatter_class=HELP_FORMAT)
+    exp.add_argument("--to", dest="layout", required=True, choices=["reference", "timm"], help="the layout to write")
+    exp.add_argument("--model_name_or_path", required=True, help="a model folder of ours (classifier or FCMAE)")
     exp.add_argument("--output", required=True, help="file to write (.pth for reference, .safetensors for timm)")
     exp.set_defaults(func=export)
-    shard = commands.add_parser("write-shards", help=write_shards.__doc__)
+    shard = commands.add_parser("write-shards", help=write_shards.__doc__, formatter_class=HELP_FORMAT)
     shard.add_argument("--train_dir", required=True, help="an image folder (class sub-folders become labels)")
     shard.add_argument("--output_dir", required=True, help="a new or empty folder")
-    shard.add_argument("--format", default="webdataset", choices=["webdataset", "parquet"])
-    shard.add_argument("--images_per_shard", type=int, default=1000)
-    shard.add_argument("--num_proc", type=int, help="processes writing shards (default: the cores, at most 8)")
+    shard.add_argument("--format", default="webdataset", choices=["webdataset", "parquet"],
+                       help="webdataset: .tar of <key>.jpg (+ .cls); parquet: datasets' Image and ClassLabel columns, "
+                            "as the hub's ImageNet copies")
+    shard.add_argument("--images_per_shard", type=int, default=1000,
+                       help="images per shard; give at least processes x data-loader workers shards")
+    shard.add_argument("--num_proc", type=int, help="processes writing shards; None: the cores, at most 8")
     shard.set_defaults(func=write_shards)
-    commands.add_parser("demo", help="pre-train, fine-tune and report on a real data set, offline", add_help=False)
+    commands.add_parser("demo", help="How many labels does FCMAE pre-training save? Pre-train, fine-tune and report "
+                        "on a real data set, offline (demo --help).", add_help=False)
     return parser
 
 

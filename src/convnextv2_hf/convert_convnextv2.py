@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .configuration_convnextv2 import ConvNextV2Config
+from .outputs.cards import check_license
 from .sparse_ops import dense_conv_to_sparse, dense_dwconv_to_sparse, sparse_conv_to_dense, sparse_dwconv_to_dense
 
 StateDict = dict[str, torch.Tensor]
@@ -444,28 +445,6 @@ SOURCES = {"reference": "the reference repository (facebookresearch/ConvNeXt-V2)
 # The reference repository's weights are licensed CC-BY-NC 4.0 (its LICENSE); timm's ConvNeXt V2 weights are those
 # weights converted and carry the same licence.
 WEIGHT_LICENSES = {"reference": "cc-by-nc-4.0", "timm": "cc-by-nc-4.0"}
-# The Hugging Face Hub's licence identifiers (huggingface.co/docs/hub/repositories-licenses), as of 2026.
-HUB_LICENSES = frozenset("""
-    apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0 bigcode-openrail-m
-    afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0
-    cc-by-2.5 cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0
-    cc-by-nc-nd-3.0 cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0
-    cdla-permissive-1.0 cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 eupl-1.2 agpl-3.0 gfdl
-    gpl gpl-2.0 gpl-3.0 lgpl lgpl-2.1 lgpl-3.0 isc h-research intel-research lppl-1.3c ms-pl apple-ascl apple-amlr
-    mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib pddl lgpl-lr deepfloyd-if-license
-    fair-noncommercial-research-license llama2 llama3 llama3.1 llama3.2 llama3.3 llama4 gemma unknown other
-""".split())
-
-
-def check_license(license: str | None) -> str | None:
-    """`--license` as the hub takes it: one of its licence identifiers (lower case), else one line naming the fix."""
-    if license is None:
-        return None
-    if license.strip().lower() not in HUB_LICENSES:
-        shown = license if len(license) <= 40 else license[:40] + "..."
-        raise ValueError(f"--license {shown!r} is not a Hugging Face Hub licence identifier (e.g. apache-2.0, mit, "
-                         "cc-by-nc-4.0); for any other licence pass --license other and describe it in the card.")
-    return license.strip().lower()
 
 
 def checkpoint_kind(model, has_head: bool) -> str:
@@ -480,7 +459,7 @@ def checkpoint_kind(model, has_head: bool) -> str:
 
 def conversion_card(model, checkpoint, source: str, has_head: bool, license: str | None, model_name: str):
     """The card of a converted folder: where the weights came from, what they are, their licence."""
-    from .training.reporting import CardInfo, inherited
+    from .outputs.cards import CardInfo, inherited
 
     from_folder = source == "transformers" and os.path.isdir(checkpoint)  # a file is not a hub id to inherit from
     recorded = inherited(str(checkpoint)) if from_folder else {}
@@ -501,8 +480,8 @@ def save_converted(model, config: ConvNextV2Config, output_dir: str | os.PathLik
     """Model, processor (at the config's image size) and card written into `output_dir` through a staging folder;
     other files there are left alone, and a file of the same name that this project did not write is refused."""
     from .image_processing_convnextv2 import ConvNextV2ImageProcessor
-    from .training.checkpoints import PRETRAINING_MARKER, save_folder_atomically, save_model_and_processor
-    from .training.reporting import save_model_card
+    from .outputs.staging import PRETRAINING_MARKER, save_folder_atomically, save_model_and_processor
+    from .outputs.cards import save_model_card
 
     processor = ConvNextV2ImageProcessor(size={"shortest_edge": config.image_size}, mask_cell_size=config.mask_cell_size,
                                          mask_ratio=config.mask_ratio)
@@ -531,8 +510,8 @@ def export_checkpoint(model, layout: str, output: str | os.PathLike, timm_conv_m
         layout = "timm_conv_mlp"
     foreign = from_our_layout(state, layout)
     output = Path(output)
-    from .training.checkpoints import claim_staging
-    from .training.manifest import refuse_unless_ours, remove_ours, replace_ours
+    from .outputs.staging import claim_staging
+    from .outputs.manifest import refuse_unless_ours, remove_ours, replace_ours
 
     refuse_unless_ours(output, "overwrite")
     staged = claim_staging(output.parent, output.name, folder=False)

@@ -291,6 +291,8 @@ class ConvNextV2PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     accepts_loss_kwargs = False
     _no_split_modules = ["ConvNextV2Layer"]
+    # An FCMAE checkpoint's decoder, left behind on purpose when its encoder is loaded into an encoder-only class.
+    _keys_to_ignore_on_load_unexpected = [r"(^|\.)decoder\."]
     # Hidden states are the stem output and each stage's output; `output_hidden_states=[i, ...]` selects among them.
     _can_record_outputs = {"hidden_states": ConvNextV2Stage}
 

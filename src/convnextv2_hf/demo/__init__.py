@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..training.manifest import record, remove_ours
+from ..outputs.manifest import record, remove_ours
 from .data import files_under, labelled_folder, list_folder, prepare_data, stratified_sample, write_digits
 from .probes import FrozenFeatures
 from .report import SweepPoint, cell
@@ -33,23 +33,26 @@ QUICK = dict(seeds=1, pretrain_steps=40, label_counts="1,10", finetune_passes=60
              min_finetune_epochs=2, budget_epochs=1, curve_every=1)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convnextv2-hf demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="convnextv2-hf demo", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--output_dir", default="convnextv2-demo",
-                   help="where the data, runs, pictures and results.md go (default: %(default)s, in the current folder)")
+                   help="where the data, runs, pictures and results.md go, in the current folder")
     p.add_argument("--overwrite_output_dir", action="store_true", help="replace an earlier demo in --output_dir")
     p.add_argument("--quick", action="store_true", help="a smoke run in about a minute (numbers not meaningful)")
     p.add_argument("--train_dir", help="your own images, one sub-folder per class, instead of the digits")
     p.add_argument("--image_size", type=int, default=32, help="a multiple of 8 (the demo model's mask cell)")
     p.add_argument("--label_counts", default="1,2,5,10,25,all", help="labelled images per class to sweep")
     p.add_argument("--curve_labels", type=int, default=10, help="the labels per class whose runs log learning curves")
-    p.add_argument("--test_fraction", type=float, default=0.3)
-    p.add_argument("--seeds", type=int, default=3, help="fine-tuning runs per label count (default: %(default)s)")
-    p.add_argument("--pretrain_steps", type=int, default=1500, help="FCMAE pre-training steps (default: %(default)s)")
+    p.add_argument("--test_fraction", type=float, default=0.3, help="images per class held out for evaluation")
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning runs per label count")
+    p.add_argument("--pretrain_steps", type=int, default=1500, help="FCMAE pre-training steps")
     p.add_argument("--finetune_passes", type=int, default=3000, help="image passes per fine-tuning run (budget)")
-    p.add_argument("--min_finetune_epochs", type=int, default=8)
-    p.add_argument("--max_finetune_epochs", type=int, default=100)
+    p.add_argument("--min_finetune_epochs", type=int, default=8, help="fewest epochs of a fine-tuning run")
+    p.add_argument("--max_finetune_epochs", type=int, default=100, help="most epochs of a fine-tuning run")
     p.add_argument("--budget_epochs", type=int, default=15, help="the small fine-tuning budget reported")
     p.add_argument("--curve_every", type=int, default=5, help="epochs between evaluations on the curve runs")
     p.add_argument("--ablate_grn", action="store_true", help="also pre-train without GRN and compare feature collapse")
@@ -73,7 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the demo; returns the summary also written to `results.json`."""
-    from ..training.output_dir import OutputDirLock, check_output_dir
+    from ..outputs.output_dir import OutputDirLock, check_output_dir
 
     import datasets
 
@@ -199,7 +202,7 @@ def collapse_section(data, out: Path, args) -> dict:
     """Feature collapse on 256 held-out images drawn evenly across classes (and, with --ablate_grn, without GRN)."""
     from .. import ConvNextV2ForMaskedImageModeling
     from ..analysis import feature_collapse
-    from ..training.data import decode_image
+    from ..training.data.decoding import decode_image
 
     print("[3/4] feature-collapse analysis")
     pretrained, _, processor = encoders(out)

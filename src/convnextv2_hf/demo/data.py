@@ -62,7 +62,7 @@ def write_digits(root: Path, image_size: int) -> list[tuple[Path, int]]:
 def list_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     """(image file, class index) pairs of a folder with one sub-folder per class (other files are ignored and
     counted, the layout is checked as the fine-tuning script checks it), and the class names."""
-    from ..training.data import check_class_layout, scan_folder
+    from ..training.data.folders import check_class_layout, scan_folder
 
     scan = scan_folder(root, "--train_dir")
     classes = check_class_layout(scan, "--train_dir")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..training.data import decode_image
+from ..training.data.decoding import decode_image
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..training.reporting import save_curves
+from ..training.plots import save_curves
 from .runs import Budget
 
 STARTS = ("fcmae", "scratch")
@@ -94,7 +94,8 @@ def save_sweep_plot(points: list[SweepPoint], path: Path, seeds: int) -> None:
         curves[LINE_LABELS[key]] = (xs, values.mean(1).tolist())
         bands[LINE_LABELS[key]] = (values.min(1).tolist(), values.max(1).tolist())
     save_curves(curves, str(path), f"Held-out top-1 vs labels per class ({seeds} seed(s), min-max shaded)",
-                xlabel="labelled images per class (log scale)", ylabel="top-1 accuracy", bands=bands, logx=True)
+                xlabel="labelled images per class (log scale)", ylabel="top-1 accuracy", bands=bands, logx=True,
+                tick_labels={p.per_class: p.name for p in points})
 
 
 def budget_table(curves: dict[str, list], budget_epochs: int, full_epochs: int, labels: int) -> list[str]:
@@ -128,7 +129,7 @@ def write_report(out: Path, args, data, pretraining, sweep, curves, mixmae, coll
     blocks = list(next(iter(collapse.values())))
     save_curves({name: (list(range(1, len(blocks) + 1)), list(values.values())) for name, values in collapse.items()},
                 str(out / "feature_collapse.png"), "Mean pairwise cosine distance of expanded features",
-                xlabel="block", ylabel="cosine distance")
+                xlabel="block", ylabel="cosine distance (0: collapsed)", ylim=(0, 1))
     full_epochs = next(p.budget.epochs for p in sweep if p.labels == args.curve_labels)
     minutes = (time.time() - started) / 60
     lines = report_lines(args, data, pretraining, sweep, curves, mixmae, collapse, full_epochs, minutes)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..configuration_convnextv2 import CONVNEXTV2_PRESETS, FIELD_CHECKS, ConvNextV2Config
-from .data import MAX_IMAGE_PIXELS
+from .data.decoding import MAX_IMAGE_PIXELS
 
 
 def require(condition: bool, flag: str, value, expectation: str) -> None:
@@ -182,7 +182,7 @@ class FinetuningArguments:
         "help": "a published reference recipe (TRAINING.md): atto, tiny or base; flags given explicitly win"})
 
     def __post_init__(self):
-        from .rand_augment import RandAugment
+        from .data.rand_augment import RandAugment
 
         if self.aa != "none":
             RandAugment.from_config(self.aa, (0, 0, 0))  # fail before any work

@@ -22,31 +22,24 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..hub import ensure_hub_available, push_folder_to_hub
 from ..metrics import metric_path
-from . import data as data_utils
+from .data import decoding, sources
 from .arguments import (REFERENCE_TRAINER_DEFAULTS, DataArguments, FinetuningArguments, ModelArguments,
                         check_trainer_arguments, default_num_workers, flag_given, multi_cpu_config_run_alone,
                         parse_marking_given, use_cpu_processes)
 from .device_settings import finetuning_pin_memory, finetuning_precision, trainer_precision_line, use_device_settings
-from .augmentation import FinetuneTransform, SeededAugmentedDataset
-from .checkpoints import (TRAINER_MARKER, check_same_model, find_checkpoint, save_folder_atomically,
-                          save_model_and_processor)
-from .mixup import MixupCutmixCollator
+from .data.transforms import FinetuneTransform, SeededAugmentedDataset
+from ..outputs.staging import TRAINER_MARKER, save_folder_atomically, save_model_and_processor
+from .checkpoints import check_same_model, find_checkpoint
+from .data.mixup import MixupCutmixCollator
 from .models import gathered_model, init_head_small, load_classifier, training_processor
 from .recipes import FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, apply_recipe, card_lines, note_model
-from .output_dir import check_output_dir, checkpoint_bytes, claim_output_dir
-from .reporting import CardInfo, accuracy_eval_results, inherited, save_curves, save_model_card
-from .shards import sharded_source
-from .trainer import (
-    EMACallback,
-    EpochCallback,
-    FinetuningTrainer,
-    MixingFinetuningTrainer,
-    finished_run,
-    planned_steps,
-    seed_before_the_model,
-    steps_per_epoch,
-    total_train_batch,
-)
+from ..outputs.output_dir import check_output_dir, checkpoint_bytes, claim_output_dir
+from ..outputs.cards import CardInfo, accuracy_eval_results, inherited, save_model_card
+from .plots import save_curves
+from .data.shards import sharded_source
+from .loops.trainer import (
+    EMACallback, EpochCallback, FinetuningTrainer, MixingFinetuningTrainer, finished_run, planned_steps,
+    seed_before_the_model, steps_per_epoch, total_train_batch)
 
 logger = logging.getLogger(__name__)
 
@@ -170,22 +163,22 @@ def load_labelled_data(data_args: DataArguments, recipe: FinetuningArguments, tr
     if sharded_source(data_args) is not None:
         raise ValueError("Fine-tuning reads an image folder (--train_dir) or a hub dataset (--dataset_name); shards "
                          "(--train_files) are streamed by pre-training only.")
-    raw, ignored = data_utils.load_image_dataset(data_args, labelled=True, token=training_args.hub_token)
+    raw, ignored = sources.load_image_dataset(data_args, labelled=True, token=training_args.hub_token)
     if "train" not in raw:
         raise ValueError(f"The dataset has no train split (splits: {list(raw)}).")
     train = raw["train"]
-    image_column = data_utils.find_column(train, data_args.image_column_name, data_utils.IMAGE_COLUMN_CANDIDATES, "image")
-    label_column = data_utils.find_column(train, recipe.label_column_name, data_utils.LABEL_COLUMN_CANDIDATES, "label")
-    labels = data_utils.label_names(train, label_column)
+    image_column = sources.find_column(train, data_args.image_column_name, sources.IMAGE_COLUMN_CANDIDATES, "image")
+    label_column = sources.find_column(train, recipe.label_column_name, sources.LABEL_COLUMN_CANDIDATES, "label")
+    labels = sources.label_names(train, label_column)
     if "validation" in raw:
         evaluation = raw["validation"]
-        eval_labels = data_utils.label_names(evaluation, label_column) if label_column in evaluation.column_names else None
+        eval_labels = sources.label_names(evaluation, label_column) if label_column in evaluation.column_names else None
         if eval_labels != labels:
             raise ValueError(f"Class mismatch: train has {len(labels)} classes {labels[:10]}, validation has "
                              f"{eval_labels if eval_labels is None else len(eval_labels)} {(eval_labels or [])[:10]}.")
     else:
         train, evaluation = held_out_split(train, label_column, labels, recipe.train_val_split, training_args.seed)
-    train, evaluation = data_utils.undecoded(train, image_column), data_utils.undecoded(evaluation, image_column)
+    train, evaluation = sources.undecoded(train, image_column), sources.undecoded(evaluation, image_column)
     if data_args.max_train_samples is not None:
         train = train.shuffle(seed=training_args.seed).select(range(min(data_args.max_train_samples, len(train))))
     if recipe.max_eval_samples is not None:
@@ -199,7 +192,7 @@ def held_out_split(train, label_column: str, labels: list[str], fraction: float,
     sides. Computed on the label column as one array (datasets' stratified split reads every row in Python)."""
     import numpy as np
 
-    data_utils.check_not_empty(train, "train")
+    sources.check_not_empty(train, "train")
     if not hasattr(train.features[label_column], "names"):
         split = train.train_test_split(fraction, seed=seed)
         return split["train"], split["test"]
@@ -242,11 +235,11 @@ def checked_images(train, evaluation, image_column: str, data_args: DataArgument
     """The evaluation images checked (or unreadable ones dropped) before training; training images are handled
     where they are decoded ([`UnreadableImages`])."""
     with training_args.main_process_first():
-        evaluation, skipped = data_utils.checked_evaluation_split(evaluation, image_column, data_args)
+        evaluation, skipped = decoding.checked_evaluation_split(evaluation, image_column, data_args)
     if skipped:
         logger.warning("Skipped %d unreadable evaluation image(s).", skipped)
-    data_utils.check_not_empty(train, "train")
-    data_utils.check_not_empty(evaluation, "evaluation")
+    sources.check_not_empty(train, "train")
+    sources.check_not_empty(evaluation, "evaluation")
     return train, evaluation, skipped
 
 
@@ -256,7 +249,7 @@ def attach_transforms(data: LabelledData, processor, model_args, recipe, data_ar
                                                     recipe)
 
     def decode(cell):
-        return data_utils.decode_image(cell, data_args.max_image_pixels)
+        return decoding.decode_image(cell, data_args.max_image_pixels)
 
     def eval_batch(batch):
         images = [decode(cell) for cell in batch[data.image_column]]
@@ -264,7 +257,7 @@ def attach_transforms(data: LabelledData, processor, model_args, recipe, data_ar
                 "labels": batch[data.label_column]}
 
     data.evaluation.set_transform(eval_batch)
-    unreadable = data_utils.UnreadableImages(len(data.train), data_args.skip_corrupt_images, data_args.max_image_pixels)
+    unreadable = decoding.UnreadableImages(len(data.train), data_args.skip_corrupt_images, data_args.max_image_pixels)
     data.train = SeededAugmentedDataset(data.train, data.image_column, data.label_column, train_transform, seed,
                                         unreadable)
 
@@ -360,7 +353,7 @@ def save_finetuning_curves(history: list[dict], output_dir: str) -> dict[str, st
 
 
 def finetuning_card(metrics, data: LabelledData, plots, smoothing, model_args, data_args, recipe, training_args) -> CardInfo:
-    dataset_label = data_utils.dataset_label(data_args)
+    dataset_label = sources.dataset_label(data_args)
     start = model_args.model_name_or_path or f"{model_args.model_preset} from scratch"
     local_start = model_args.model_name_or_path and os.path.isdir(model_args.model_name_or_path)
     if local_start:

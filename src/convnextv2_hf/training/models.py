@@ -12,7 +12,7 @@ from ..configuration_convnextv2 import ConvNextV2Config
 from ..image_processing_convnextv2 import ConvNextV2ImageProcessor
 from ..modeling_convnextv2 import ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
 from .arguments import merge_flag_into_overrides, parse_config_overrides
-from .checkpoints import check_weight_files
+from ..weights import load_checked
 
 logger = logging.getLogger(__name__)
 
@@ -66,26 +66,6 @@ def build_fcmae(model_args, args) -> tuple[ConvNextV2ForMaskedImageModeling, Con
     processor = training_processor(model_args.image_processor_name or source, model_args.image_size, cell,
                                    config.mask_ratio)
     return model, processor
-
-
-def load_checked(model_class, source: str, config, cache_dir=None, new_parts: tuple[str, ...] = (), **kwargs):
-    """`model_class.from_pretrained(source)`, refusing damaged weights and naming weights the checkpoint lacks
-    (other than the `new_parts` this start adds, e.g. a new classifier); transformers would initialise them
-    randomly and only log it."""
-    model_type = ConvNextV2Config.get_config_dict(source, cache_dir=cache_dir)[0].get("model_type")
-    if model_type != ConvNextV2Config.model_type:
-        raise ValueError(f"--model_name_or_path {source} holds a {model_type!r} model, not ConvNeXt V2 "
-                         f"({ConvNextV2Config.model_type!r}); start from a ConvNeXt V2 checkpoint (or convert it first).")
-    if os.path.isdir(source):
-        check_weight_files(source, "--model_name_or_path")
-    model, info = model_class.from_pretrained(source, config=config, cache_dir=cache_dir, output_loading_info=True,
-                                              **kwargs)
-    missing = sorted(key for key in info["missing_keys"] if not key.startswith(new_parts))
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(f"--model_name_or_path {source} lacks {len(missing)} weight(s) the model needs ({shown}); "
-                         "it is incomplete or another architecture: start from a complete ConvNeXt V2 checkpoint.")
-    return model
 
 
 def load_classifier(model_args, recipe, labels: list[str]) -> tuple[ConvNextV2ForImageClassification, bool]:

@@ -22,20 +22,22 @@ from transformers import HfArgumentParser, get_scheduler
 
 from ..hub import ensure_hub_available, push_folder_to_hub
 from ..masking import random_masking
-from . import data as data_utils
+from .data import decoding, sources
 from .arguments import (DataArguments, ModelArguments, PretrainingArguments, default_num_workers,
                         multi_cpu_config_run_alone, parse_marking_given, use_cpu_processes)
-from .augmentation import PretrainTransform
-from .checkpoints import PRETRAINING_MARKER, save_folder_atomically, save_model_and_processor
+from .data.transforms import PretrainTransform
+from ..outputs.staging import PRETRAINING_MARKER, save_folder_atomically, save_model_and_processor
 from .device_settings import default_mixed_precision, precision_description, use_device_settings
-from .fcmae_engine import FCMAERun, TrainingPlan, TrainingState, resume, train
-from .masked_datasets import EpochSampler, EvaluationMaskedDataset, MaskedImageDataset, StreamingMaskedImageDataset, collate
+from .loops.fcmae import FCMAERun, TrainingPlan, TrainingState, resume, train
+from .data.masked_datasets import (
+    EpochSampler, EvaluationMaskedDataset, MaskedImageDataset, StreamingMaskedImageDataset, collate)
 from .models import build_fcmae, gathered_model
-from .optim import param_groups
-from .output_dir import check_output_dir, checkpoint_bytes, claim_output_dir
+from .loops.optim import param_groups
+from ..outputs.output_dir import check_output_dir, checkpoint_bytes, claim_output_dir
 from .recipes import PRETRAIN_RECIPES, PRETRAIN_TOTAL_BATCH, apply_recipe, card_lines, note_model
-from .reporting import CardInfo, inherited, save_curves, save_model_card, save_reconstruction_grid
-from .shards import sharded_source
+from ..outputs.cards import CardInfo, inherited, save_model_card
+from .plots import save_curves, save_reconstruction_grid
+from .data.shards import sharded_source
 
 logger = logging.getLogger(__name__)
 
@@ -195,12 +197,12 @@ def check_free_space(args: PretrainingArguments, model, accelerator) -> None:
 
 def load_data(data_args: DataArguments, args: PretrainingArguments, accelerator) -> PretrainingData:
     """The train (and optional validation) split, with unreadable images dropped or reported before training."""
-    raw, ignored = data_utils.load_image_dataset(data_args, streaming=args.streaming, token=args.hub_token)
+    raw, ignored = sources.load_image_dataset(data_args, streaming=args.streaming, token=args.hub_token)
     if "train" not in raw:
         raise ValueError(f"The dataset has no train split (splits: {list(raw)}).")
-    image_column = data_utils.find_column(raw["train"], data_args.image_column_name,
-                                          data_utils.IMAGE_COLUMN_CANDIDATES, "image")
-    splits = {name: data_utils.undecoded(raw[name], image_column) for name in ("train", "validation") if name in raw}
+    image_column = sources.find_column(raw["train"], data_args.image_column_name,
+                                          sources.IMAGE_COLUMN_CANDIDATES, "image")
+    splits = {name: sources.undecoded(raw[name], image_column) for name in ("train", "validation") if name in raw}
     if data_args.max_train_samples is not None:
         train = splits["train"]
         splits["train"] = (train.take(data_args.max_train_samples) if args.streaming
@@ -212,10 +214,10 @@ def load_data(data_args: DataArguments, args: PretrainingArguments, accelerator)
     skipped = 0
     if "validation" in splits and not args.streaming:  # the training images are handled where they are decoded
         with accelerator.main_process_first():
-            splits["validation"], skipped = data_utils.checked_evaluation_split(splits["validation"], image_column,
+            splits["validation"], skipped = decoding.checked_evaluation_split(splits["validation"], image_column,
                                                                               data_args)
     for name, split in splits.items():
-        data_utils.check_not_empty(split, name)
+        sources.check_not_empty(split, name)
     return PretrainingData(splits["train"], splits.get("validation"), image_column, skipped, ignored)
 
 
@@ -338,8 +340,8 @@ def preview_batch(dataset, image_column: str, processor, unreadable, count: int 
     else:
         images = []
         for row in dataset.take(4 * count):
-            with contextlib.suppress(data_utils.UnreadableImageError):
-                images.append(data_utils.decode_image(row[image_column], unreadable.max_pixels))
+            with contextlib.suppress(decoding.UnreadableImageError):
+                images.append(decoding.decode_image(row[image_column], unreadable.max_pixels))
         images = images[:count]
     return processor(images, return_tensors="pt")["pixel_values"]
 
@@ -362,7 +364,7 @@ def write_report(model, processor, state: TrainingState, data, plan: TrainingPla
     if state.validation:
         results["validation loss (masked reconstruction, last epoch)"] = f"{state.validation[-1][1]:.4f}"
     source = (f"`{data_args.dataset_name}`" if data_args.dataset_name else
-              f"images from the `{data_utils.dataset_label(data_args)}` {'shards' if args.streaming else 'folder'}")
+              f"images from the `{sources.dataset_label(data_args)}` {'shards' if args.streaming else 'folder'}")
     count = " (streamed)" if args.streaming else f", {len(data.train)} training images"
     save_model_card(model, CardInfo(
         model_name=args.hub_model_id or Path(args.output_dir).name,

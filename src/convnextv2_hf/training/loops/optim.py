@@ -71,7 +71,7 @@ def param_groups(
     ```python
     >>> import torch
     >>> from convnextv2_hf import ConvNextV2Config, ConvNextV2ForImageClassification
-    >>> from convnextv2_hf.optim import param_groups
+    >>> from convnextv2_hf.training.loops.optim import param_groups
     >>> model = ConvNextV2ForImageClassification(ConvNextV2Config.from_preset("atto", num_labels=10))
     >>> optimizer = torch.optim.AdamW(param_groups(model, 0.05, layer_decay=0.9, learning_rate=1e-3))
     ```

@@ -15,19 +15,11 @@ from typing import Any
 
 import torch
 
-from .augmentation import normalize_pixels
-from .checkpoints import (
-    PRETRAINING_MARKER,
-    check_finite_loss,
-    check_same_model,
-    checkpoint_step,
-    failed_write_kept_out,
-    find_checkpoint,
-    publish,
-    read_training_state,
-    rotate_checkpoints,
-    shared_staging,
-)
+from ..data.transforms import normalize_pixels
+from ...outputs.staging import PRETRAINING_MARKER, failed_write_kept_out, publish, shared_staging
+from ..checkpoints import (
+    check_finite_loss, check_same_model, find_checkpoint, read_training_state, rotate_checkpoints)
+from ...outputs.staging import checkpoint_step
 
 logger = logging.getLogger(__name__)
 

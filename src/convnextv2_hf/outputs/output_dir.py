@@ -10,7 +10,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from .checkpoints import remove_staging_leftovers
+from .staging import remove_staging_leftovers
 from .manifest import is_ours, remove_ours, unrecorded
 
 LOCK_NAME = ".convnextv2-hf.lock"

@@ -1,10 +1,9 @@
-"""Mixup and cutmix for fine-tuning: a collator that mixes batches into soft labels, and a Trainer that trains on them."""
+"""Mixup and cutmix for fine-tuning: a collator that mixes batches into soft labels (seeded by the batch)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import Trainer
 
 
 class MixupCutmixCollator:
@@ -48,28 +47,3 @@ class MixupCutmixCollator:
         else:
             pixels = lam * pixels + (1 - lam) * flipped
         return {"pixel_values": pixels, "labels": lam * labels + (1 - lam) * labels.flip(0)}
-
-
-class MixingTrainer(Trainer):
-    """`Trainer` for mixup/cutmix: soft-label cross-entropy in training, hard labels and plain batches in evaluation."""
-
-    def __init__(self, *args, eval_collator=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.eval_collator = eval_collator
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        train_collator, self.data_collator = self.data_collator, self.eval_collator
-        try:
-            return super().get_eval_dataloader(eval_dataset)
-        finally:
-            self.data_collator = train_collator
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs.get("labels")
-        if labels is None or not labels.is_floating_point():
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**inputs)
-        log_probs = torch.nn.functional.log_softmax(outputs.logits.float(), dim=-1)
-        loss = -(labels * log_probs).sum(dim=-1).mean()
-        return (loss, outputs) if return_outputs else loss

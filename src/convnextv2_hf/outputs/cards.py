@@ -1,96 +1,15 @@
-"""Reports of a training run: reconstruction and learning-curve pictures (matplotlib, no display needed) and
-hub-ready model cards with `model-index` results (built with `huggingface_hub`)."""
+"""Hub-ready model cards (built with `huggingface_hub`): what a folder holds, how it was made, its licence and
+`model-index` results, and what a card inherits from the checkpoint it started from. Library level: training,
+conversion and export write cards without importing the training toolkit or `datasets`."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 
-import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .. import __version__
-from ..masking import mask_image, patchify, unpatchify
-from .augmentation import denormalize
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def reconstruction_in_pixels(output, pixel_values: torch.Tensor, cell: int, norm_pix_loss: bool) -> torch.Tensor:
-    """Predicted images in input units: per-patch de-normalised under `norm_pix_loss`, visible cells from the input."""
-    logits = output.logits.detach().float()
-    pixels = pixel_values.detach().float()
-    grid = (pixels.shape[-2] // cell, pixels.shape[-1] // cell)
-    if norm_pix_loss:
-        target = patchify(pixels, cell)
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        logits = logits * (var + 1e-6).sqrt() + mean
-    mask = output.mask.view(-1, 1, *grid).float()
-    mask = torch.nn.functional.interpolate(mask, scale_factor=cell, mode="nearest")
-    predicted = unpatchify(logits, cell, grid, pixels.shape[1])
-    return pixels * (1 - mask) + predicted * mask
-
-
-def save_reconstruction_grid(model, pixel_values: torch.Tensor, path: str, mean, std, bool_masked_pos=None, max_images=8):
-    """PNG with one row per image: input, masked input, reconstruction (visible cells pasted back)."""
-    plt = _pyplot()
-    model.eval()
-    pixel_values = pixel_values[:max_images]
-    with torch.no_grad():
-        output = model(pixel_values, bool_masked_pos=None if bool_masked_pos is None else bool_masked_pos[:max_images])
-    cell = model.config.mask_cell_size
-    grid = (pixel_values.shape[-2] // cell, pixel_values.shape[-1] // cell)
-    masked = mask_image(pixel_values.float(), output.mask.view(-1, *grid), fill=float("nan"))
-    recon = reconstruction_in_pixels(output, pixel_values, cell, model.config.norm_pix_loss)
-    panels = [denormalize(t.cpu(), mean, std) for t in (pixel_values.float(), masked, recon)]
-    rows = pixel_values.shape[0]
-    fig, axes = plt.subplots(rows, 3, figsize=(6, 2 * rows), squeeze=False)
-    for r in range(rows):
-        for c, (title, images) in enumerate(zip(("input", "masked", "reconstruction"), panels)):
-            image = images[r].permute(1, 2, 0).numpy()
-            axes[r, c].imshow(image.squeeze() if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
-            axes[r, c].axis("off")
-            if r == 0:
-                axes[r, c].set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def save_curves(curves: dict[str, tuple[list[float], list[float]]], path: str, title: str, xlabel: str = "step",
-                ylabel: str = "loss", bands: dict[str, tuple[list[float], list[float]]] | None = None,
-                logx: bool = False):
-    """PNG of one or more named (x, y) curves; `bands` optionally adds (low, high) shading per curve."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5) if logx else (6, 4))
-    if logx:
-        xs = sorted({x for xs, _ in curves.values() for x in xs})
-        ax.set_xscale("log")
-        ax.set_xticks(xs, [f"{x:g}" for x in xs])
-        ax.minorticks_off()
-    for name, (xs, ys) in curves.items():
-        line = ax.plot(xs, ys, label=name, marker="o" if logx else None, markersize=3)[0]
-        if bands and name in bands:
-            low, high = bands[name]
-            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if len(curves) > 1:
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------------------------- model cards
@@ -245,3 +164,28 @@ def accuracy_eval_results(metrics: dict[str, float], dataset_name: str, dataset_
         )
         for key, value in metrics.items() if key in names
     ]
+
+
+
+# The Hugging Face Hub's licence identifiers (huggingface.co/docs/hub/repositories-licenses), as of 2026.
+HUB_LICENSES = frozenset("""
+    apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0 bigcode-openrail-m
+    afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0
+    cc-by-2.5 cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0
+    cc-by-nc-nd-3.0 cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0
+    cdla-permissive-1.0 cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 eupl-1.2 agpl-3.0 gfdl
+    gpl gpl-2.0 gpl-3.0 lgpl lgpl-2.1 lgpl-3.0 isc h-research intel-research lppl-1.3c ms-pl apple-ascl apple-amlr
+    mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib pddl lgpl-lr deepfloyd-if-license
+    fair-noncommercial-research-license llama2 llama3 llama3.1 llama3.2 llama3.3 llama4 gemma unknown other
+""".split())
+
+
+def check_license(license: str | None) -> str | None:
+    """`--license` as the hub takes it: one of its licence identifiers (lower case), else one line naming the fix."""
+    if license is None:
+        return None
+    if license.strip().lower() not in HUB_LICENSES:
+        shown = license if len(license) <= 40 else license[:40] + "..."
+        raise ValueError(f"--license {shown!r} is not a Hugging Face Hub licence identifier (e.g. apache-2.0, mit, "
+                         "cc-by-nc-4.0); for any other licence pass --license other and describe it in the card.")
+    return license.strip().lower()

@@ -13,7 +13,7 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset as TorchDataset
 
-from .data import load_image, oriented_size
+from .decoding import load_image, oriented_size
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:

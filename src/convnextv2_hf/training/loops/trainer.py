@@ -11,14 +11,14 @@ import math
 import os
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
-from .checkpoints import (TRAINER_MARKER, check_finite_loss, failed_write_kept_out, publish, rotate_checkpoints,
-                          shared_staging)
+from ...outputs.manifest import remove_ours
+from ...outputs.staging import TRAINER_MARKER, failed_write_kept_out, publish, shared_staging
+from ..checkpoints import check_finite_loss, rotate_checkpoints
 from .ema import ModelEMA
-from .manifest import remove_ours
-from .mixup import MixingTrainer
 from .optim import create_optimizer
 
 EMA_WEIGHTS = "ema.safetensors"
@@ -119,6 +119,31 @@ class RecipeOptimizer:
             self.optimizer = create_optimizer(self.model if model is None else model, self.args, self.layer_decay,
                                               self.layer_decay_type)
         return self.optimizer
+
+
+class MixingTrainer(Trainer):
+    """`Trainer` for mixup/cutmix: soft-label cross-entropy in training, hard labels and plain batches in evaluation."""
+
+    def __init__(self, *args, eval_collator=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_collator = eval_collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        train_collator, self.data_collator = self.data_collator, self.eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if labels is None or not labels.is_floating_point():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**inputs)
+        log_probs = torch.nn.functional.log_softmax(outputs.logits.float(), dim=-1)
+        loss = -(labels * log_probs).sum(dim=-1).mean()
+        return (loss, outputs) if return_outputs else loss
 
 
 class FinetuningTrainer(RecipeOptimizer, StopsOnNonFiniteLoss, CrashSafeCheckpoints, Trainer):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset as TorchDataset, IterableDataset as TorchIterableDataset, Sampler, get_worker_info
 
-from .augmentation import sample_generator
-from .data import MAX_IMAGE_PIXELS, UnreadableImageError, UnreadableImages, decode_image, open_image_header
+from .transforms import sample_generator
+from .decoding import MAX_IMAGE_PIXELS, UnreadableImageError, UnreadableImages, decode_image, open_image_header
 
 SHUFFLE_BUFFER = 1000  # rows; with ~1,000-image shards and shard order shuffled too, as webdataset users do
 

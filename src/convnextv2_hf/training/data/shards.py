@@ -1,0 +1,95 @@
+"""Sharded image sets read through `datasets` streaming: local webdataset tar shards or parquet shards, found by
+glob or in a folder, refused in one line when unfinished or of mixed kinds.
+
+A webdataset shard holds `<key>.<image extension>` members (and `<key>.cls`, the class index, for class folders); a
+parquet shard holds an `image` column (`{bytes, path}`, `datasets`' Image feature) and a `label` column. Both are
+what the hub's own copies of ImageNet use, so the same shards can be pushed and streamed back.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SHARD_FORMATS = {".tar": "webdataset", ".parquet": "parquet"}
+UNFINISHED = ".write-shards-unfinished"  # in a folder while write-shards writes it; removed once the set is complete
+
+
+def expand_shard_patterns(patterns: list[str], flag: str) -> tuple[str, list[str]]:
+    """(`datasets` builder name, sorted shard files) of glob patterns; one clear error for a pattern that matches
+    nothing, an unknown extension, or webdataset and parquet shards mixed."""
+    files = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matched:
+            raise FileNotFoundError(f"{flag} {pattern!r} matches no files; give shard paths or globs such as "
+                                    "'data/train-*.tar' or 'data/train-*.parquet'.")
+        files.extend(os.path.abspath(path) for path in matched)
+    files = sorted(dict.fromkeys(files))
+    kinds = {SHARD_FORMATS.get(os.path.splitext(path)[1].lower()) for path in files}
+    if None in kinds:
+        odd = next(path for path in files if os.path.splitext(path)[1].lower() not in SHARD_FORMATS)
+        raise ValueError(f"{flag}: {odd} is not a shard (.tar webdataset or .parquet); for a folder of images, "
+                         "pass --train_dir.")
+    if len(kinds) > 1:
+        raise ValueError(f"{flag} mixes webdataset (.tar) and parquet shards; pass one kind.")
+    check_finished(files, flag)
+    return kinds.pop(), files
+
+
+def check_finished(files: list[str], flag: str) -> None:
+    """Refuse shards from a folder that `write-shards` did not finish (killed midway: some shards, no labels)."""
+    for folder in sorted({os.path.dirname(path) for path in files}):
+        if os.path.exists(os.path.join(folder, UNFINISHED)) or glob.glob(os.path.join(glob.escape(folder), "*.partial")):
+            raise ValueError(f"{flag}: {folder} holds a shard set that write-shards did not finish (it was stopped "
+                             "midway; some shards and the labels are missing); write it again into an empty folder.")
+
+
+def shards_in_folder(root: str | os.PathLike) -> list[str]:
+    """The shard files directly inside `root` (a folder of shards given as --train_dir); an empty list for an image
+    folder. A folder holding shards beside images or sub-folders is refused: which to train on is the user's call."""
+    from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
+
+    with os.scandir(root) as entries:
+        entries = [entry for entry in entries if not entry.name.startswith(".")]
+    shards = sorted(entry.path for entry in entries if os.path.splitext(entry.name)[1].lower() in SHARD_FORMATS)
+    others = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in entries
+                    if entry.is_dir() or os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS)
+    if shards and others:
+        raise ValueError(f"--train_dir {str(root)!r} holds both shards ({', '.join(Path(f).name for f in shards[:2])}"
+                         f"{', ...' if len(shards) > 2 else ''}) and images or folders ({', '.join(others[:2])}"
+                         f"{', ...' if len(others) > 2 else ''}); move one kind elsewhere, or name the shards with "
+                         "--train_files.")
+    return shards
+
+
+def sharded_source(data_args) -> tuple[list[str], str] | None:
+    """(shard patterns, the flag that gave them) when the data are shards: --train_files, or a --train_dir that
+    holds shards; None for an image folder or a hub dataset."""
+    source = None
+    if getattr(data_args, "train_files", None):
+        if data_args.train_dir is not None:
+            raise ValueError("Pass --train_files (shards) or --train_dir (a folder), not both.")
+        source = list(data_args.train_files), "--train_files"
+    elif data_args.train_dir is not None and os.path.isdir(data_args.train_dir):
+        files = shards_in_folder(data_args.train_dir)
+        source = (files, "--train_dir") if files else None
+    if source is not None and getattr(data_args, "validation_dir", None):
+        raise ValueError(f"--validation_dir {data_args.validation_dir!r} would not be read: a run streamed from "
+                         f"shards ({source[1]}) has no validation pass yet; drop --validation_dir, or train from an "
+                         "image folder.")
+    return source
+
+
+def load_shards(patterns: list[str], flag: str):
+    """The shards as a streaming `IterableDatasetDict` with a train split; each shard is a unit that
+    `split_dataset_by_node` and the data-loader workers share out."""
+    from datasets import load_dataset
+
+    builder, files = expand_shard_patterns(patterns, flag)
+    logger.info("%s: %d %s shard(s), streamed", flag, len(files), builder)
+    return load_dataset(builder, data_files={"train": files}, streaming=True)
