@@ -1,5 +1,5 @@
-"""Every command block of the README that a user would copy runs as typed, in a fresh shell process (stdin closed,
-offline, a timeout), in a scratch folder that holds the inputs the README names.
+"""Every command block of the README and of the pages in docs/ that a user would copy runs as typed, in a fresh shell
+process (stdin closed, offline, a timeout), in a scratch folder that holds the inputs they name.
 
 Two blocks are not run here: the quick start (the demo; `test_demo.py` runs its `--quick` twin) and the test-suite
 command (it is what CI runs). Long trainings run as their tiny twins: the substitutions below shrink sizes and
@@ -18,7 +18,7 @@ from conftest import REPO, make_image_folder, perturbed, user_env, write_photo
 from convnextv2_hf import ConvNextV2Config, ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
 from convnextv2_hf.convert_convnextv2 import export_checkpoint
 
-README = (REPO / "README.md").read_text()
+PAGES = [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))  # README first: the pages use what it saves
 NOT_RUN = ("convnextv2-hf demo", "python -m pytest")  # the quick start, and the test-suite command itself
 TWINS = [  # (README text, tiny twin): sizes and steps only, never the flags' meaning
     ("--image_size 224", "--image_size 64"),
@@ -31,7 +31,7 @@ TWINS = [  # (README text, tiny twin): sizes and steps only, never the flags' me
 
 
 def blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+    return [block for page in PAGES for block in re.findall(rf"```{language}\n(.*?)```", page.read_text(), flags=re.S)]
 
 
 def shell_commands(block: str) -> list[str]:
@@ -102,3 +102,25 @@ def test_readme_commands_run_as_typed(workdir):
     assert used == {text for text, _ in TWINS}, f"twins that no longer match the README: {set(dict(TWINS)) - used}"
     assert (workdir / "atto-finetuned" / "model.safetensors").exists()
     assert torch.load(workdir / "fcmae-atto.pth", weights_only=True)["model"]
+
+
+def test_the_readme_is_a_front_page_whose_links_resolve():
+    """At most 250 lines; every relative link of the README and the docs pages names a file that exists, and every
+    `#anchor` a heading of its page (GitHub's rule: lower case, punctuation dropped, spaces as hyphens)."""
+    assert len((REPO / "README.md").read_text().splitlines()) <= 250
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)|src=\"([^\"]+)\"", page.read_text()):
+            target = next(t for t in target if t)
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.name}: {target}")
+            elif anchor:
+                headings = re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.M)
+                slugs = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+                if anchor not in slugs:
+                    broken.append(f"{page.name}: {target}")
+    assert not broken, broken
