@@ -3,6 +3,7 @@ processes and workers, resuming a streamed run exactly."""
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +223,43 @@ def test_a_shard_set_that_write_shards_did_not_finish_is_refused(shards, tmp_pat
     (killed / "train-00001-of-00004.tar.partial").write_bytes(b"half")
     with pytest.raises(ValueError, match="did not finish"):
         load_shards([str(killed / "*.tar")], "--train_files")
+
+
+def damaged_shards(shards, root):
+    """(name, folder, glob, words of the error) for each kind of damage a copy or a crash leaves in a shard."""
+    import io
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    tar = sorted((shards / "numbered-webdataset").glob("*.tar"))[0].read_bytes()
+    parquet = sorted((shards / "numbered-parquet").glob("*.parquet"))[0].read_bytes()
+    empty_tar = io.BytesIO()
+    tarfile.open(fileobj=empty_tar, mode="w").close()
+    empty_table = io.BytesIO()
+    pq.write_table(pq.read_table(io.BytesIO(parquet)).slice(0, 0), empty_table)
+    cases = {"zero-byte.tar": (b"", "empty (0 bytes)"), "truncated.tar": (tar[:1500], "truncated"),
+             "garbage.tar": (os.urandom(2048), "not a tar archive"),
+             "no-members.tar": (empty_tar.getvalue(), "empty tar archive"),
+             "truncated.parquet": (parquet[:-100], "not a readable parquet file"),
+             "garbage.parquet": (os.urandom(2048), "not a readable parquet file"),
+             "zero-rows.parquet": (empty_table.getvalue(), "holds no rows")}
+    for name, (data, words) in cases.items():
+        folder = root / name.replace(".", "-")
+        folder.mkdir()
+        (folder / name).write_bytes(data)
+        yield name, folder, str(folder / name), words
+
+
+def test_damaged_shards_are_refused_in_one_line_naming_the_shard(shards, tmp_path):
+    """Empty, truncated, garbage, member-less and zero-row shards are named before training (they used to end in
+    tarfile's or pyarrow's own errors, the shard unnamed); two of them through the script, as a user meets them."""
+    for name, folder, path, words in damaged_shards(shards, tmp_path):
+        with pytest.raises(ValueError, match=re.escape(words)) as raised:
+            load_shards([path], "--train_files")
+        assert name in str(raised.value) and "write-shards" in str(raised.value)
+        if name in ("truncated.tar", "zero-rows.parquet"):
+            result = run_as_user([*PRETRAIN, *shard_args(["--train_files", path, "--skip_corrupt_images"],
+                                                         tmp_path / f"o-{name}", "--max_train_steps", "1")],
+                                 tmp_path, timeout=120)
+            assert_one_line(result, name, words)

@@ -1,5 +1,5 @@
 """Sharded image sets read through `datasets` streaming: local webdataset tar shards or parquet shards, found by
-glob or in a folder, refused in one line when unfinished or of mixed kinds.
+glob or in a folder, refused in one line when unfinished, of mixed kinds, or damaged where a cheap look shows it.
 
 A webdataset shard holds `<key>.<image extension>` members (and `<key>.cls`, the class index, for class folders); a
 parquet shard holds an `image` column (`{bytes, path}`, `datasets`' Image feature) and a `label` column. Both are
@@ -11,6 +11,8 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,9 @@ def expand_shard_patterns(patterns: list[str], flag: str) -> tuple[str, list[str
     if len(kinds) > 1:
         raise ValueError(f"{flag} mixes webdataset (.tar) and parquet shards; pass one kind.")
     check_finished(files, flag)
-    return kinds.pop(), files
+    builder = kinds.pop()
+    check_shard_files(files, builder, flag)
+    return builder, files
 
 
 def check_finished(files: list[str], flag: str) -> None:
@@ -47,6 +51,50 @@ def check_finished(files: list[str], flag: str) -> None:
         if os.path.exists(os.path.join(folder, UNFINISHED)) or glob.glob(os.path.join(glob.escape(folder), "*.partial")):
             raise ValueError(f"{flag}: {folder} holds a shard set that write-shards did not finish (it was stopped "
                              "midway; some shards and the labels are missing); write it again into an empty folder.")
+
+
+TAR_BLOCK = 512
+
+
+def check_shard_files(files: list[str], builder: str, flag: str) -> None:
+    """Refuse, in one line naming the shard, one that is empty, truncated, not a tar or parquet file, or holds no
+    rows. Each check is a stat and one read (a tar's first header, a parquet footer), in threads: it stays cheap at
+    thousands of shards. Damage past the first header of a tar is met where the stream reads it."""
+    problem_of = tar_problem if builder == "webdataset" else parquet_problem
+    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+        for path, problem in zip(files, pool.map(problem_of, files)):
+            if problem:
+                raise ValueError(f"{flag}: shard {path} {problem}; write the shards again (convnextv2-hf "
+                                 f"write-shards) or leave this one out of {flag}.")
+
+
+def tar_problem(path: str) -> str | None:
+    size = os.path.getsize(path)
+    if size == 0:
+        return "is empty (0 bytes)"
+    if size % TAR_BLOCK:
+        return f"is truncated ({size} bytes, not whole 512-byte tar blocks)"
+    with open(path, "rb") as handle:
+        header = handle.read(TAR_BLOCK)
+    if header == bytes(TAR_BLOCK):
+        return "is an empty tar archive (no images)"
+    try:
+        tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return "is not a tar archive (its first header is damaged)"
+    return None
+
+
+def parquet_problem(path: str) -> str | None:
+    import pyarrow.parquet as pq
+
+    if os.path.getsize(path) == 0:
+        return "is empty (0 bytes)"
+    try:
+        rows = pq.read_metadata(path).num_rows
+    except Exception as error:  # pyarrow raises ArrowInvalid or OSError, depending on the damage
+        return f"is not a readable parquet file ({str(error).splitlines()[0]})"
+    return "holds no rows" if rows == 0 else None
 
 
 def shards_in_folder(root: str | os.PathLike) -> list[str]:
