@@ -1,6 +1,7 @@
 """The training input pipeline: folder scans, reduced-size JPEG decoding, unreadable images met during training."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -203,3 +204,29 @@ def test_persistent_fine_tuning_workers_see_each_new_epoch(tmp_path):
     assert not torch.equal(first["pixel_values"], second["pixel_values"])
     expected = [torch.rand(1, generator=sample_generator(0, 1, index)) for index in range(len(rows))]
     assert torch.equal(second["pixel_values"], torch.stack(expected))
+
+
+def test_a_validation_image_replaced_with_the_same_size_and_time_is_checked_again(tmp_path, monkeypatch):
+    """The once-per-machine check is skipped only for the very files it passed: a file replaced by a damaged one of
+    the same size and modification time (`cp -p`, `touch -d`) is checked again, not met at the end of an epoch."""
+    import datasets
+
+    from convnextv2_hf.training.data.decoding import checked_once
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    folder = make_image_folder(tmp_path / "val", per_class=2, corrupt=False)
+    scan = scan_folder(folder, "--validation_dir")
+    split = folder_dataset(scan, labelled=True)
+
+    def needs_check() -> bool:
+        with checked_once(split, "image", "readable") as needed:
+            return needed  # leaving the block without an error records a pass
+
+    assert needs_check() is True
+    assert needs_check() is False
+    victim = next(p for p in sorted(folder.rglob("*")) if p.is_file())
+    stat = victim.stat()
+    victim.write_bytes(b"\0" * stat.st_size)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert victim.stat().st_size == stat.st_size and victim.stat().st_mtime_ns == stat.st_mtime_ns
+    assert needs_check() is True

@@ -201,8 +201,10 @@ def check_readable(dataset: Dataset, image_column: str, max_pixels: int = MAX_IM
 @contextmanager
 def checked_once(dataset: Dataset, image_column: str, check: str):
     """Yields whether `check` must run on these image files: not when it passed before on this machine for the
-    same files (paths, sizes and modification times), which other processes of a launch and every resume reuse. A
-    marker in the datasets cache records a pass; files given as bytes are always checked."""
+    same files (paths, sizes, modification and change times, inodes), which other processes of a launch and every
+    resume reuse. The change time catches a file replaced by one of the same size and modification time (`cp -p`,
+    `touch -d`): no user command can set it. A marker in the datasets cache records a pass; files given as bytes are
+    always checked."""
     import hashlib
 
     from datasets import config
@@ -218,7 +220,7 @@ def checked_once(dataset: Dataset, image_column: str, check: str):
             if stat is None:  # always checked: the check itself names the file
                 yield True
                 return
-            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}\n".encode())
     marker = Path(config.HF_DATASETS_CACHE, "convnextv2_hf", "checked", digest.hexdigest())
     yield not marker.exists()
     marker.parent.mkdir(parents=True, exist_ok=True)
