@@ -263,3 +263,25 @@ def test_damaged_shards_are_refused_in_one_line_naming_the_shard(shards, tmp_pat
                                                          tmp_path / f"o-{name}", "--max_train_steps", "1")],
                                  tmp_path, timeout=120)
             assert_one_line(result, name, words)
+
+
+def test_parquet_with_raw_bytes_or_path_image_columns_trains_and_a_non_image_column_is_named(shards, tmp_path):
+    """Parquet made by hand often stores images as a plain binary column or as file paths, not as datasets' Image
+    struct: both are images. A column of numbers is not, and the fix is --image_column_name, not removing files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from convnextv2_hf.training.data.decoding import decode_image
+
+    files = sorted((shards / "numbered").rglob("*.jpg"))
+    pq.write_table(pa.table({"image": [f.read_bytes() for f in files], "label": [i % 2 for i in range(len(files))]}),
+                   tmp_path / "bytes.parquet")
+    pq.write_table(pa.table({"image": [str(f) for f in files]}), tmp_path / "paths.parquet")
+    for name in ("bytes", "paths"):
+        summary = pretrain(shard_args(["--train_files", str(tmp_path / f"{name}.parquet")], tmp_path / f"run-{name}",
+                                      "--max_train_steps", "2", "--dataloader_num_workers", "0"))
+        assert summary["completed_steps"] == 2, name
+    assert decode_image(files[0].read_bytes()).size == decode_image(str(files[0])).size == (40, 48)
+    with pytest.raises(ValueError, match="--image_column_name") as raised:
+        decode_image(7)
+    assert "Remove the file" not in str(raised.value)

@@ -31,20 +31,34 @@ class UnreadableImageError(ValueError):
 MAX_IMAGE_PIXELS = 178_956_970
 
 
+def as_image_cell(record: Any) -> dict:
+    """`{'bytes', 'path'}` of an image cell: `datasets`' undecoded Image, raw bytes (a parquet binary column) or a
+    path string. Anything else means the column is not an image column, which no skipping of files would fix."""
+    if isinstance(record, dict) and ("bytes" in record or "path" in record):
+        return {"bytes": record.get("bytes"), "path": record.get("path")}
+    if isinstance(record, (bytes, bytearray, memoryview)):
+        return {"bytes": bytes(record), "path": None}
+    if isinstance(record, str):
+        return {"bytes": None, "path": record}
+    raise ValueError(f"The image column holds {type(record).__name__} values, not images (datasets' Image, raw "
+                     "bytes or file paths); name the image column with --image_column_name.")
+
+
 def open_image_header(record: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.Image:
     """Open one undecoded image cell (`{'path', 'bytes'}`) lazily, reading only its header; files that are not
     images, or exceed the decompression guard, raise [`UnreadableImageError`] naming their path (kept as the
     image's `source` for errors met when it is decoded)."""
     if isinstance(record, PIL.Image.Image):
         return record
-    path = record.get("path") if isinstance(record, dict) else None
+    record = as_image_cell(record)
+    path = record["path"]
     try:
-        if isinstance(record, dict) and record.get("bytes") is not None:
+        if record.get("bytes") is not None:
             image = PIL.Image.open(io.BytesIO(record["bytes"]))
         elif path is not None:
             image = PIL.Image.open(path)
         else:
-            raise ValueError(f"unsupported image cell of type {type(record).__name__}")
+            raise ValueError("the cell holds neither bytes nor a path")
     except Exception as error:
         raise unreadable(path, error) from None
     if image.width * image.height > max_pixels:
@@ -93,7 +107,7 @@ def decode_for_processor(record: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL
     try:
         check_aspect_ratio(image.height, image.width)
     except ValueError as error:
-        path = record.get("path") if isinstance(record, dict) else None
+        path = None if isinstance(record, PIL.Image.Image) else as_image_cell(record)["path"]
         raise UnreadableImageError(f"Image {path or '<in-memory image>'}: {error} (or pass --skip_corrupt_images)"
                                    ) from None
     return image
