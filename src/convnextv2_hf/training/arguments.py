@@ -179,7 +179,8 @@ class FinetuningArguments:
     deterministic: bool = field(default=False, metadata={
         "help": "deterministic algorithms (cuDNN, cuBLAS workspace): GPU runs and resumes repeat bit for bit, slower"})
     recipe: str | None = field(default=None, metadata={
-        "help": "a published reference recipe (TRAINING.md): atto, tiny or base; flags given explicitly win"})
+        "help": "a published recipe: atto ... huge (ImageNet-1K), nano|tiny|base|large|huge-22k (ImageNet-22K "
+                "intermediate) and <size>-22k-1k (1K after 22K); the card says its source; flags given explicitly win"})
 
     def __post_init__(self):
         from .data.rand_augment import RandAugment

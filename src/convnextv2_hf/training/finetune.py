@@ -32,7 +32,7 @@ from ..outputs.staging import TRAINER_MARKER, save_folder_atomically, save_model
 from .checkpoints import check_same_model, find_checkpoint
 from .data.mixup import MixupCutmixCollator
 from .models import gathered_model, init_head_small, load_classifier, training_processor
-from .recipes import FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH, apply_recipe, card_lines, note_model
+from .recipes import FINETUNE_RECIPES, apply_recipe, card_lines, note_model
 from ..outputs.output_dir import check_output_dir, checkpoint_bytes, claim_output_dir
 from ..outputs.cards import CardInfo, accuracy_eval_results, inherited, save_model_card
 from .plots import save_curves
@@ -81,7 +81,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: Finetuning
     folder with its card; returns the final metrics (and EMA metrics with --model_ema)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if recipe.recipe is not None:
-        recipe.applied_recipe = apply_recipe(recipe.recipe, FINETUNE_RECIPES, FINETUNE_TOTAL_BATCH,
+        recipe.applied_recipe = apply_recipe(recipe.recipe, FINETUNE_RECIPES,
                                              training_args.world_size, "fine-tuning", model_args, recipe,
                                              training_args)
     check_trainer_arguments(training_args)

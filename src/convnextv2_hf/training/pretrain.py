@@ -34,7 +34,7 @@ from .data.masked_datasets import (
 from .models import build_fcmae, gathered_model
 from .loops.optim import param_groups
 from ..outputs.output_dir import check_output_dir, checkpoint_bytes, claim_output_dir
-from .recipes import PRETRAIN_RECIPES, PRETRAIN_TOTAL_BATCH, apply_recipe, card_lines, note_model
+from .recipes import PRETRAIN_RECIPES, apply_recipe, card_lines, note_model
 from ..outputs.cards import CardInfo, inherited, save_model_card
 from .plots import save_curves, save_reconstruction_grid
 from .data.shards import sharded_source
@@ -73,7 +73,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: PretrainingA
         stream_shards(args)
     check_streamed_checkpoints(args)
     if args.recipe is not None:  # before the accelerator, which takes the accumulation steps
-        args.applied_recipe = apply_recipe(args.recipe, PRETRAIN_RECIPES, PRETRAIN_TOTAL_BATCH,
+        args.applied_recipe = apply_recipe(args.recipe, PRETRAIN_RECIPES,
                                            int(os.environ.get("WORLD_SIZE", "1")), "pre-training", model_args, args)
     accelerator = build_accelerator(args)
     set_seed(args.seed)
