@@ -71,3 +71,26 @@ def test_licence_override_and_base_model_from_a_transformers_folder(tmp_path):
     card = card_of(tmp_path / "fcmae")
     assert card.data.license == "cc-by-nc-4.0" and card.data.pipeline_tag is None
     assert "FCMAE pre-trained encoder and decoder" in card.text
+
+
+def test_export_then_convert_back_keeps_labels_licence_and_base_model(tmp_path):
+    """An export records the source folder's class names, licence and base model beside the weights (a key of the
+    reference checkpoint, safetensors metadata for timm); converting the file back restores them, and the card says
+    the file was an export of ours, not the reference's own weights."""
+    from convnextv2_hf.cli import main as cli
+
+    source = tmp_path / "mine"
+    labels = {0: "cat", 1: "dog", 2: "fish"}
+    model = perturbed(ConvNextV2ForImageClassification(tiny_config(image_size=32, id2label=labels)))
+    model.save_pretrained(source)
+    ModelCard.from_template(ModelCardData(license="mit", base_model="someone/convnextv2-start"),
+                            template_str="---\n{{ card_data }}\n---\n# mine\n").save(source / "README.md")
+    for layout, name in (("reference", "mine.pth"), ("timm", "mine.safetensors")):
+        assert 0 == cli(["export", "--to", layout, "--model_name_or_path", str(source), "--output",
+                         str(tmp_path / name)])
+        back = tmp_path / f"back-{layout}"
+        assert 0 == cli(["convert", "--from", layout, "--checkpoint", str(tmp_path / name), "--output_dir", str(back)])
+        assert ConvNextV2ForImageClassification.from_pretrained(back).config.id2label == labels, layout
+        card = card_of(back)
+        assert (card.data.license, card.data.base_model) == ("mit", "someone/convnextv2-start"), layout
+        assert "an export by `convnextv2-hf export`" in card.text and "not trained by convnextv2-hf" not in card.text

@@ -114,9 +114,10 @@ def export(args: argparse.Namespace) -> None:
     fcmae = "ConvNextV2ForMaskedImageModeling" in (config.architectures or [])
     model_class = ConvNextV2ForMaskedImageModeling if fcmae else ConvNextV2ForImageClassification
     model = load_checked(model_class, source, config)
-    foreign = export_checkpoint(model, args.layout, output)
+    card = start_card(source)
+    foreign = export_checkpoint(model, args.layout, output, card=card)
     print(f"wrote {len(foreign)} tensors in the {args.layout} layout to {output}")
-    license = start_card(source).get("license")
+    license = card.get("license")
     print(f"licence of these weights: {license} (from {source}'s card)" if license else
           f"licence of these weights: not recorded in {source}; weights converted from the reference repository "
           "or timm are CC-BY-NC 4.0")

@@ -230,6 +230,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict]:
     file = resolve_checkpoint_file(path)
     obj = read_checkpoint_file(file)
     settings = recorded_settings(path, obj)
+    origin = read_origin(file, obj)
+    if origin and "id2label" in origin:
+        settings.setdefault("id2label", {int(k): v for k, v in origin["id2label"].items()})
+    settings["origin"] = None if origin is None else {k: origin[k] for k in ("license", "base_model") if origin.get(k)}
     for container in ("model", "state_dict", "model_ema"):
         if isinstance(obj, dict) and container in obj and isinstance(obj[container], dict):
             obj = obj[container]
@@ -240,6 +244,36 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict]:
 
 
 # Fields a converted config takes from the source, beyond what the tensor shapes tell.
+# What `export` records of its source folder beside the weights (a JSON string: a safetensors metadata value, or a
+# key of the reference checkpoint's dict), so that converting the file back restores it.
+ORIGIN_KEY = "convnextv2_hf"
+
+
+def origin_record(model, card: dict) -> str:
+    """The labels of a classifier (unless transformers' defaults) and the licence and base model of its card."""
+    record = {key: card[key] for key in ("license", "base_model") if card.get(key)}
+    id2label = getattr(model.config, "id2label", None) or {}
+    if "classifier.weight" in model.state_dict() and any(v != f"LABEL_{k}" for k, v in id2label.items()):
+        record["id2label"] = {str(k): v for k, v in id2label.items()}
+    return json.dumps(record)
+
+
+def read_origin(file: Path, obj) -> dict | None:
+    """What an export of ours recorded (see [`origin_record`]); None for other checkpoints."""
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as handle:
+            text = (handle.metadata() or {}).get(ORIGIN_KEY)
+    else:
+        text = obj.get(ORIGIN_KEY) if isinstance(obj, dict) else None
+    try:
+        record = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 CARRIED_FIELDS = ("id2label", "label2id", "layer_norm_eps", "image_size", "norm_pix_loss", "mask_ratio",
                   "drop_path_rate", "sparse_grn_scope", "mask_strategy", "problem_type")
 
@@ -395,6 +429,7 @@ def convert_checkpoint(
     if source not in LAYOUTS:
         raise ValueError(f"`source` must be one of {LAYOUTS}, got {source!r}.")
     foreign, settings = load_checkpoint(checkpoint)
+    origin = settings.pop("origin")
     check_weights(foreign, checkpoint)
     layout = detect_layout(foreign)
     if layout.split("_")[0] != source:
@@ -411,7 +446,7 @@ def convert_checkpoint(
     model = build_model(ours, config, task)
     if output_dir is not None:
         card = conversion_card(model, checkpoint, source, "classifier.weight" in ours, license,
-                               hub_model_id or Path(output_dir).resolve().name)
+                               hub_model_id or Path(output_dir).resolve().name, origin)
         save_converted(model, config, output_dir, card)
         if push_to_hub:
             from .hub import push_folder_to_hub
@@ -457,18 +492,23 @@ def checkpoint_kind(model, has_head: bool) -> str:
     return f"classifier of {classes} classes" + (f" (fine-tuned on {data}, going by the class count)" if data else "")
 
 
-def conversion_card(model, checkpoint, source: str, has_head: bool, license: str | None, model_name: str):
-    """The card of a converted folder: where the weights came from, what they are, their licence."""
+def conversion_card(model, checkpoint, source: str, has_head: bool, license: str | None, model_name: str,
+                    origin: dict | None = None):
+    """The card of a converted folder: where the weights came from, what they are, their licence (`origin`: what
+    an export of ours recorded of its source folder)."""
     from .outputs.cards import CardInfo, inherited
 
     from_folder = source == "transformers" and os.path.isdir(checkpoint)  # a file is not a hub id to inherit from
-    recorded = inherited(str(checkpoint)) if from_folder else {}
-    license = check_license(license) or recorded.get("license") or WEIGHT_LICENSES.get(source, "unknown")
+    recorded = inherited(str(checkpoint)) if from_folder else dict(origin or {})
+    license = check_license(license) or recorded.get("license") or (
+        "unknown" if origin is not None else WEIGHT_LICENSES.get(source, "unknown"))
     kind = checkpoint_kind(model, has_head)
+    where = (f"an export by `convnextv2-hf export` in the layout of {SOURCES[source]}" if origin is not None
+             else f"{SOURCES[source]}. The weights were not trained by convnextv2-hf")
     return CardInfo(
         model_name=model_name,
         summary=f"ConvNeXt V2 {kind}, converted with `convnextv2-hf convert --from {source}` from "
-                f"`{Path(checkpoint).name}` of {SOURCES[source]}. The weights were not trained by convnextv2-hf.",
+                f"`{Path(checkpoint).name}` of {where}.",
         data="As the source's authors trained it (see the source); not retrained here.", made_by="Converted",
         recipe={"source": SOURCES[source], "source file": Path(checkpoint).name, "kind": kind,
                 "licence": license + ("" if license != "unknown" else " (not recorded: pass --license)")},
@@ -495,9 +535,12 @@ def save_converted(model, config: ConvNextV2Config, output_dir: str | os.PathLik
     save_folder_atomically(output_dir, write, "the converted model", PRETRAINING_MARKER)
 
 
-def export_checkpoint(model, layout: str, output: str | os.PathLike, timm_conv_mlp: bool | None = None) -> StateDict:
+def export_checkpoint(model, layout: str, output: str | os.PathLike, timm_conv_mlp: bool | None = None,
+                      card: dict | None = None) -> StateDict:
     """Write `model` in a foreign layout: `reference` (torch.save `{'model': ...}`) or `timm` (safetensors; MLP
-    weights as 1x1 convolutions where timm builds them so: `timm_conv_mlp`, by default for atto to nano widths)."""
+    weights as 1x1 convolutions where timm builds them so: `timm_conv_mlp`, by default for atto to nano widths).
+    With `card` (the source folder's card data, as `convnextv2-hf export` passes it), the class names and the
+    card's licence and base model are recorded beside the weights, so that converting the file back restores them."""
     from .modeling_convnextv2 import ConvNextV2ForMaskedImageModeling
 
     if layout == "reference" and isinstance(model, ConvNextV2ForMaskedImageModeling):
@@ -519,9 +562,11 @@ def export_checkpoint(model, layout: str, output: str | os.PathLike, timm_conv_m
         if layout.startswith("timm"):
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in foreign.items()}, str(staged))
+            save_file({k: v.contiguous() for k, v in foreign.items()}, str(staged),
+                      metadata=None if card is None else {ORIGIN_KEY: origin_record(model, card)})
         else:  # with the training settings a reference checkpoint records, so converting back keeps them
-            torch.save({"model": foreign, "args": reference_args(model.config)}, str(staged))
+            record = {} if card is None else {ORIGIN_KEY: origin_record(model, card)}
+            torch.save({"model": foreign, "args": reference_args(model.config), **record}, str(staged))
         replace_ours(staged, output)  # a rename: a reader of the old file (memory-mapped) keeps its copy
     finally:
         if staged.exists():
