@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,6 +170,41 @@ def test_a_folder_is_listed_once_per_machine(tmp_path):
     failed = results(train, validation)
     assert [scans for scans, _, _ in failed] == [2, 0] and failed[0][2] == failed[1][2]
     assert failed[0][2].startswith("Class mismatch")
+
+
+def anonymous_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no RssAnon in /proc/self/status on this system")
+
+
+def test_the_other_processes_map_the_index_instead_of_copying_it(tmp_path):
+    """The index the machine's first process wrote is memory-mapped by the others: reading 300,000 ImageNet-like
+    paths (about 20 MB) adds almost no private memory, rows read after the file is removed, and a pickled copy
+    (a spawned worker's) holds the same rows."""
+    import gc
+    import pickle
+
+    from datasets import Dataset, DatasetDict
+
+    from convnextv2_hf.training.data.per_machine import read_splits, write_splits
+
+    rows = 300_000
+    paths = [f"/data/imagenet/train/n{i % 1000:08d}/n{i % 1000:08d}_{i:09d}.JPEG" for i in range(rows)]
+    written = write_splits(DatasetDict({"train": Dataset.from_dict({"path": paths, "label": [i % 1000 for i in
+                                                                                            range(rows)]})}),
+                           str(tmp_path))
+    del paths
+    gc.collect()
+    before = anonymous_mib()
+    index = read_splits(written)["train"]
+    grown = anonymous_mib() - before
+    size_mib = os.path.getsize(written["train"]) / 2**20
+    os.remove(written["train"])
+    assert size_mib > 15 and grown < size_mib / 5, (grown, size_mib)
+    assert index[123_456] == {"path": "/data/imagenet/train/n00000456/n00000456_000123456.JPEG", "label": 456}
+    assert pickle.loads(pickle.dumps(index))[rows - 1]["label"] == 999
 
 
 def test_uint8_crops_normalised_in_the_training_process_are_the_workers_values_bit_for_bit(tmp_path):
