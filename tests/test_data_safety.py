@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import (CLI, FINETUNE, PRETRAIN, TINY_OVERRIDES, assert_one_line, make_image_folder, perturbed,
@@ -177,3 +178,30 @@ def test_a_named_pipe_with_an_image_name_is_skipped_not_opened(tmp_path):
                          timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ignoring 2 non-image file(s)" in result.stderr
+
+
+def with_small_shared_memory(command: list[str]) -> list[str]:
+    """`command` in its own mount namespace whose /dev/shm is a 1 MB tmpfs, as in many containers."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("unshare") or subprocess.run(
+            ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"], capture_output=True).returncode:
+        pytest.skip("a private /dev/shm needs unshare and mount rights (root), which this machine does not give")
+    return ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=1m tmpfs /dev/shm && exec "$@"', "sh", *command]
+
+
+def test_a_small_dev_shm_is_refused_in_one_line_before_the_workers_start(tmp_path):
+    """With a 1 MB /dev/shm, two data-loader workers used to hang (folders) or lose batches (shards): both scripts
+    now stop at once with one line naming /dev/shm and the fixes; without workers the same run trains."""
+    images = make_image_folder(tmp_path / "images", per_class=4, corrupt=False)
+    big = ["--image_size", "224", "--per_device_train_batch_size", "8", "--dataloader_num_workers", "2"]
+    for script, args, steps in ((PRETRAIN, pretrain_args, "--max_train_steps"), (FINETUNE, finetune_args, "--max_steps")):
+        out = tmp_path / f"out-{Path(script[1]).stem}"
+        result = run_as_user(with_small_shared_memory([*script, *args(images, out, steps, "2", *big)]), tmp_path,
+                             timeout=120)
+        assert_one_line(result, "/dev/shm", "--dataloader_num_workers 0", "--shm-size")
+    result = run_as_user(with_small_shared_memory([*PRETRAIN, *pretrain_args(
+        images, tmp_path / "no-workers", "--max_train_steps", "2", "--dataloader_num_workers", "0")]), tmp_path,
+        timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]

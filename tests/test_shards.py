@@ -54,7 +54,6 @@ def test_written_shards_hold_every_image_once_with_its_label(shards, kind):
 
 def test_processes_and_workers_each_read_their_own_part(shards):
     """Two processes with two data-loader workers each: every image exactly once per epoch."""
-    from datasets.distributed import split_dataset_by_node
     from torch.utils.data import DataLoader
 
     from convnextv2_hf.training.data.sources import undecoded
@@ -63,7 +62,7 @@ def test_processes_and_workers_each_read_their_own_part(shards):
     train = undecoded(load_shards([str(shards / "numbered-webdataset" / "*.tar")], "--train_files")["train"], "jpg")
     widths = []
     for rank in range(2):
-        part = StreamingMaskedImageDataset(split_dataset_by_node(train, rank, 2), "jpg",
+        part = StreamingMaskedImageDataset(train, "jpg",
                                            transform=lambda image, generator: torch.tensor(float(image.width)),
                                            draw_mask=lambda pixels, generator: torch.zeros(1), seed=0, rank=rank,
                                            world=2)
@@ -96,7 +95,8 @@ def test_streamed_run_resumes_at_the_sample_where_it_stopped(shards, tmp_path, k
     kept = tmp_path / "kept" / "checkpoint-5"
     os.renames(full / "checkpoint-5", kept)
     saved = json.loads((kept / "training_state.json").read_text())["stream"]
-    assert len(saved) == 1 and len(saved[0]) == 3  # one process: [epoch, last row from worker 0, from worker 1]
+    # one process: [worker of the next batch, then epoch and last row of worker 0, of worker 1]
+    assert len(saved) == 1 and len(saved[0]) == 5 and saved[0][0] == 1  # steps 1, 3, 5 from worker 0
     resumed = tmp_path / "resumed"
     pretrain(shard_args(source, resumed, "--max_train_steps", "8", "--skip_corrupt_images",
                         "--resume_from_checkpoint", str(kept)))
@@ -113,7 +113,8 @@ def test_two_processes_stream_their_own_shards_and_checkpoint_both_places(shards
                                                  "--max_train_steps", "3", "--checkpointing_steps", "3"))
     saved = json.loads((out / "checkpoint-3" / "training_state.json").read_text())["stream"]
     # 4 shards: 2 per process, 1 per worker; 3 steps of 2 images per process take rows from both workers
-    assert len(saved) == 2 and all(len(part) == 3 and part[0] == 0 and min(part[1:]) >= 0 for part in saved)
+    assert len(saved) == 2 and all(len(part) == 5 and part[0] == 1 and part[1] == part[3] == 0
+                                   and min(part[2], part[4]) >= 0 for part in saved)
     assert len(losses(out)) == 3
 
 

@@ -65,6 +65,8 @@ class DataArguments:
     train_files: list[str] | None = field(default=None, metadata={
         "help": "webdataset .tar or .parquet shards (paths or globs), streamed and shared out between processes"})
     validation_dir: str | None = field(default=None, metadata={"help": "held-out images, same layout as --train_dir"})
+    validation_files: list[str] | None = field(default=None, metadata={
+        "help": "validation shards (paths or globs) for fine-tuning from --train_files; evaluated streamed"})
     image_column_name: str | None = field(default=None, metadata={"help": "default: the first of image, img, ..."})
     max_train_samples: int | None = None
     skip_corrupt_images: bool = field(default=False, metadata={"help": "skip (and count) unreadable images"})
@@ -156,6 +158,8 @@ class FinetuningArguments:
     train_val_split: float = field(default=0.15, metadata={"help": "held-out fraction when there is no validation set"})
     label_column_name: str | None = None
     max_eval_samples: int | None = None
+    streaming: bool = field(default=False, metadata={
+        "help": "stream --dataset_name instead of downloading it whole (shards given by --train_files always stream)"})
     crop_min_scale: float = field(default=0.08, metadata={"help": "RandomResizedCrop lower scale for training"})
     base_learning_rate: float = field(default=5e-4, metadata={
         "help": "without --learning_rate: lr = base x total batch / 256 (reference 5e-4)"})

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from datasets import IterableDataset
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import IntervalStrategy
 
 from ..hub import ensure_hub_available, push_folder_to_hub
 from ..metrics import metric_path
@@ -36,9 +38,12 @@ from .recipes import FINETUNE_RECIPES, apply_recipe, card_lines, note_model
 from ..outputs.output_dir import check_output_dir, checkpoint_bytes, claim_output_dir
 from ..outputs.cards import CardInfo, accuracy_eval_results, inherited, save_model_card
 from .plots import save_curves
-from .data.shards import sharded_source
+from .data import labelled_streams
+from .data.streams import KeepsStreamPositions
+from .data.shared_memory import batch_bytes, check_shared_memory
+from .data.folders import check_class_layout, folder_dataset, scan_folder
 from .loops.trainer import (
-    EMACallback, EpochCallback, FinetuningTrainer, MixingFinetuningTrainer, finished_run, planned_steps,
+    EMACallback, EpochCallback, FinetuningTrainer, PassCallback, MixingFinetuningTrainer, finished_run, planned_steps,
     seed_before_the_model, steps_per_epoch, total_train_batch)
 
 logger = logging.getLogger(__name__)
@@ -53,6 +58,9 @@ class LabelledData:
     labels: list[str]
     skipped: int
     ignored: int
+    train_rows: int = 0  # images in a pass over the training data
+    eval_rows: int | None = None  # None: a stream of unknown length
+    streamed: bool = False
 
 
 def parse_args(argv: list[str] | None = None):
@@ -103,7 +111,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: Finetuning
 def finetune(model_args, data_args, recipe, training_args, resume: str | None, push: bool) -> dict:
     """The run itself, in an output folder this process holds."""
     data = load_labelled_data(data_args, recipe, training_args)
-    planned = planned_steps(training_args, len(data.train))
+    if data.streamed:
+        plan_streamed_run(training_args, data.train_rows)
+    planned = planned_steps(training_args, data.train_rows)
     if resume and (results := finished_run(resume, training_args.output_dir, planned)) is not None:
         logger.warning("%s is the last step of a finished run; its results stay as they are.", resume)
         return results
@@ -116,8 +126,11 @@ def finetune(model_args, data_args, recipe, training_args, resume: str | None, p
                      needed_bytes=checkpoint_bytes(model.num_parameters()))
     processor = training_processor(model_args.image_processor_name or model_args.model_name_or_path,
                                    model_args.image_size, model.config.mask_cell_size)
-    complete_schedule(training_args, recipe, len(data.train))
-    attach_transforms(data, processor, model_args, recipe, data_args, training_args.seed)
+    complete_schedule(training_args, recipe, data.train_rows)
+    largest = max(training_args.per_device_train_batch_size, training_args.per_device_eval_batch_size)
+    check_shared_memory(training_args.dataloader_num_workers, batch_bytes(largest, model_args.image_size, 4),
+                        training_args.dataloader_prefetch_factor)
+    attach_transforms(data, processor, model_args, recipe, data_args, training_args)
     trainer = build_trainer(model, data, recipe, training_args)
     metrics = train_and_evaluate(trainer, resume, data)
     model = gathered_model(trainer.accelerator, trainer.model)  # all processes: under FSDP each holds a shard
@@ -160,9 +173,11 @@ def complete_schedule(training_args, recipe: FinetuningArguments, num_samples: i
 
 def load_labelled_data(data_args: DataArguments, recipe: FinetuningArguments, training_args) -> LabelledData:
     """Train and evaluation splits (a held-out split of train when there is no validation set), checked."""
-    if sharded_source(data_args) is not None:
-        raise ValueError("Fine-tuning reads an image folder (--train_dir) or a hub dataset (--dataset_name); shards "
-                         "(--train_files) are streamed by pre-training only.")
+    if labelled_streams.streamed_source(data_args, recipe.streaming):
+        return load_streamed_data(data_args, recipe, training_args)
+    if data_args.validation_files:
+        raise ValueError("--validation_files (shards) go with --train_files; beside --train_dir or --dataset_name, "
+                         "pass --validation_dir or let the dataset's validation split be used.")
     raw, ignored = sources.load_image_dataset(data_args, labelled=True, token=training_args.hub_token)
     if "train" not in raw:
         raise ValueError(f"The dataset has no train split (splits: {list(raw)}).")
@@ -184,7 +199,73 @@ def load_labelled_data(data_args: DataArguments, recipe: FinetuningArguments, tr
     if recipe.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(recipe.max_eval_samples, len(evaluation))))
     train, evaluation, skipped = checked_images(train, evaluation, image_column, data_args, training_args)
-    return LabelledData(train, evaluation, image_column, label_column, labels, skipped, ignored)
+    return LabelledData(train, evaluation, image_column, label_column, labels, skipped, ignored, len(train),
+                        len(evaluation))
+
+
+def load_streamed_data(data_args: DataArguments, recipe: FinetuningArguments, training_args) -> LabelledData:
+    """Streamed training data (shards, or a hub dataset with --streaming), its labels and length, and a validation
+    set: streamed shards or hub split, or a --validation_dir folder."""
+    if data_args.max_train_samples is not None:
+        raise ValueError("--max_train_samples picks images from a listed data set; a stream is read whole: pass fewer "
+                         "--train_files, or --max_steps.")
+    splits = labelled_streams.open_streamed_splits(data_args, training_args.hub_token)
+    train = splits["train"]
+    image_column = sources.find_column(train.stream, data_args.image_column_name, sources.IMAGE_COLUMN_CANDIDATES,
+                                       "image")
+    label_column = labelled_streams.find_label_column(train, recipe.label_column_name)
+    labels = labelled_streams.split_class_names(train, label_column)
+    if train.rows is None and training_args.max_steps <= 0:
+        raise ValueError(f"{train.flag}: the number of training images is not known; pass --max_steps.")
+    evaluation, eval_rows, skipped = streamed_evaluation(splits, labels, image_column, label_column, data_args, recipe,
+                                                         training_args)
+    return LabelledData(sources.undecoded(train.stream, image_column), evaluation, image_column, label_column, labels,
+                        skipped, 0, train.rows or 0, eval_rows, streamed=True)
+
+
+def streamed_evaluation(splits, labels, image_column, label_column, data_args, recipe, training_args):
+    """(evaluation data, its size or None, images dropped): the streamed validation split, or a folder."""
+    if "validation" in splits:
+        split = splits["validation"]
+        names = labelled_streams.split_class_names(split, labelled_streams.find_label_column(split, label_column))
+        if names != labels:
+            raise ValueError(f"Class mismatch: {splits['train'].flag} has {len(labels)} classes {labels[:10]}, "
+                             f"{split.flag} has {len(names)} {names[:10]}.")
+        stream = sources.undecoded(split.stream, image_column)
+        if recipe.max_eval_samples is not None:
+            stream = stream.take(recipe.max_eval_samples)
+        rows = split.rows if recipe.max_eval_samples is None else min(recipe.max_eval_samples, split.rows or math.inf)
+        return stream, rows, 0
+    if data_args.validation_dir is None:
+        raise ValueError(f"A streamed training set ({splits['train'].flag}) has no held-out split; pass "
+                         "--validation_files (shards) or --validation_dir (a folder of class sub-folders).")
+    scan = scan_folder(data_args.validation_dir, "--validation_dir", data_args.ignore_metadata)
+    if check_class_layout(scan, "--validation_dir") != labels:
+        raise ValueError(f"Class mismatch: the training stream has {len(labels)} classes {labels[:10]}, "
+                         f"--validation_dir has {len(scan.classes)} {scan.classes[:10]}.")
+    evaluation = sources.undecoded(folder_dataset(scan, labelled=True), "image")
+    evaluation = evaluation.rename_columns({k: v for k, v in (("image", image_column), ("label", label_column))
+                                            if k != v})
+    if recipe.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(recipe.max_eval_samples, len(evaluation))))
+    with training_args.main_process_first():
+        evaluation, skipped = decoding.checked_evaluation_split(evaluation, image_column, data_args)
+    sources.check_not_empty(evaluation, "evaluation")
+    return evaluation, len(evaluation), skipped
+
+
+def plan_streamed_run(training_args, rows: int) -> None:
+    """A stream is one `Trainer` epoch of `max_steps` (epochs x images / total batch unless given), read without
+    the Trainer's skipping on resume (the stream resumes itself); evaluation and checkpoints each epoch become every
+    pass's worth of steps."""
+    per_pass = steps_per_epoch(rows, training_args) if rows else None
+    if training_args.max_steps <= 0:
+        training_args.max_steps = math.ceil(training_args.num_train_epochs * per_pass)
+    training_args.ignore_data_skip = True
+    for kind in ("eval", "save"):
+        if getattr(training_args, f"{kind}_strategy") == IntervalStrategy.EPOCH:
+            setattr(training_args, f"{kind}_strategy", IntervalStrategy.STEPS)
+            setattr(training_args, f"{kind}_steps", min(per_pass or training_args.max_steps, training_args.max_steps))
 
 
 def held_out_split(train, label_column: str, labels: list[str], fraction: float, seed: int):
@@ -243,10 +324,13 @@ def checked_images(train, evaluation, image_column: str, data_args: DataArgument
     return train, evaluation, skipped
 
 
-def attach_transforms(data: LabelledData, processor, model_args, recipe, data_args, seed: int) -> None:
+def attach_transforms(data: LabelledData, processor, model_args, recipe, data_args, training_args) -> None:
     """Training: the reference's augmentation seeded per sample; evaluation: the processor (what a pipeline does)."""
     train_transform = FinetuneTransform.from_recipe(model_args.image_size, processor.image_mean, processor.image_std,
                                                     recipe)
+    if data.streamed:
+        return attach_stream_transforms(data, processor, train_transform, data_args, training_args)
+    seed = training_args.seed
 
     def decode(cell):
         return decoding.decode_image(cell, data_args.max_image_pixels)
@@ -260,6 +344,24 @@ def attach_transforms(data: LabelledData, processor, model_args, recipe, data_ar
     unreadable = decoding.UnreadableImages(len(data.train), data_args.skip_corrupt_images, data_args.max_image_pixels)
     data.train = SeededAugmentedDataset(data.train, data.image_column, data.label_column, train_transform, seed,
                                         unreadable)
+
+
+def attach_stream_transforms(data: LabelledData, processor, train_transform, data_args, training_args) -> None:
+    """The streamed training set in this process's parts, augmented per (seed, epoch, index); a streamed validation
+    split decoded as it is read, a validation folder as for listed data."""
+    unreadable = decoding.UnreadableImages(0, data_args.skip_corrupt_images, data_args.max_image_pixels)
+    data.train = labelled_streams.StreamedLabelledDataset(
+        data.train, data.image_column, data.label_column, train_transform, training_args.seed, unreadable,
+        rank=training_args.process_index, world=training_args.world_size, max_pixels=data_args.max_image_pixels)
+    if isinstance(data.evaluation, IterableDataset):
+        data.evaluation = labelled_streams.StreamedEvaluationDataset(
+            data.evaluation, data.image_column, data.label_column, processor, data_args.skip_corrupt_images,
+            data_args.max_image_pixels)
+        return
+    data.evaluation.set_transform(lambda batch: {
+        "pixel_values": list(processor([decoding.decode_image(cell, data_args.max_image_pixels)
+                                        for cell in batch[data.image_column]], return_tensors="pt")["pixel_values"]),
+        "labels": batch[data.label_column]})
 
 
 def collate(examples):
@@ -281,17 +383,25 @@ def build_trainer(model, data: LabelledData, recipe: FinetuningArguments, traini
     training_args.remove_unused_columns = False
     ema = EMACallback(model, recipe.model_ema_decay) if recipe.model_ema else None
     common = dict(model=model, args=training_args, train_dataset=data.train, eval_dataset=data.evaluation,
-                  compute_metrics=compute_metrics, callbacks=[EpochCallback(data.train)] + ([ema] if ema else []),
+                  compute_metrics=compute_metrics,
+                  callbacks=[stream_or_epoch_callback(data, training_args)] + ([ema] if ema else []),
                   layer_decay=recipe.layer_decay, layer_decay_type=recipe.layer_decay_type)
     if recipe.mixup > 0 or recipe.cutmix > 0:
         collator = MixupCutmixCollator(len(data.labels), recipe.mixup, recipe.cutmix, recipe.mixup_switch_prob,
                                        training_args.label_smoothing_factor, seed=training_args.seed)
         training_args.label_smoothing_factor = 0.0  # folded into the soft labels
-        trainer = MixingFinetuningTrainer(data_collator=collator, eval_collator=collate, **common)
+        trainer = MixingFinetuningTrainer(data_collator=KeepsStreamPositions(collator), eval_collator=collate, **common)
     else:
-        trainer = FinetuningTrainer(data_collator=collate, **common)
+        trainer = FinetuningTrainer(data_collator=KeepsStreamPositions(collate), **common)
     trainer.ema = ema
     return trainer
+
+
+def stream_or_epoch_callback(data: LabelledData, training_args):
+    """Listed data: each epoch's number reaches the per-sample seeding; a stream: logs count its passes."""
+    if data.streamed:
+        return PassCallback(steps_per_epoch(data.train_rows, training_args) if data.train_rows else training_args.max_steps)
+    return EpochCallback(data.train)
 
 
 def train_and_evaluate(trainer, resume: str | None, data: LabelledData) -> dict:
@@ -299,6 +409,8 @@ def train_and_evaluate(trainer, resume: str | None, data: LabelledData) -> dict:
         check_same_model(resume, trainer.model)
     if resume and trainer.ema is not None:
         trainer.ema.load(resume)
+    if resume and data.streamed:
+        trainer.resume_stream(resume)
     train_result = trainer.train(resume_from_checkpoint=resume)
     metrics = trainer.evaluate()
     if trainer.ema is not None:
@@ -320,7 +432,7 @@ def save_outputs(trainer, model, processor, metrics, data: LabelledData, model_a
     output_dir, ema = training_args.output_dir, trainer.ema
 
     history = trainer.state.log_history
-    smoothing = getattr(trainer.data_collator, "label_smoothing", training_args.label_smoothing_factor)
+    smoothing = getattr(trainer.data_collator.collator, "label_smoothing", training_args.label_smoothing_factor)
 
     def write(folder: Path) -> None:
         save_model_and_processor(model, processor, folder)
@@ -354,6 +466,7 @@ def save_finetuning_curves(history: list[dict], output_dir: str) -> dict[str, st
 
 def finetuning_card(metrics, data: LabelledData, plots, smoothing, model_args, data_args, recipe, training_args) -> CardInfo:
     dataset_label = sources.dataset_label(data_args)
+    evaluation_count = "a stream of" if data.eval_rows is None else data.eval_rows
     start = model_args.model_name_or_path or f"{model_args.model_preset} from scratch"
     local_start = model_args.model_name_or_path and os.path.isdir(model_args.model_name_or_path)
     if local_start:
@@ -361,8 +474,8 @@ def finetuning_card(metrics, data: LabelledData, plots, smoothing, model_args, d
     return CardInfo(
         model_name=training_args.hub_model_id or Path(training_args.output_dir).name,
         summary=f"ConvNeXt V2 image classifier fine-tuned from {start}.",
-        data=f"`{dataset_label}`: {len(data.train)} training and {len(data.evaluation)} evaluation images, "
-             f"{len(data.labels)} classes.",
+        data=f"`{dataset_label}`: {data.train_rows} training and {evaluation_count} evaluation images, "
+             f"{len(data.labels)} classes{', streamed' if data.streamed else ''}.",
         recipe={"epochs": (str(training_args.num_train_epochs) if training_args.max_steps <= 0
                            else f"{training_args.max_steps} steps (--max_steps)"),
                 "learning rate": str(training_args.learning_rate),

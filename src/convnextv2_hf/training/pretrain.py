@@ -38,6 +38,7 @@ from .recipes import PRETRAIN_RECIPES, apply_recipe, card_lines, note_model
 from ..outputs.cards import CardInfo, inherited, save_model_card
 from .plots import save_curves, save_reconstruction_grid
 from .data.shards import sharded_source
+from .data.shared_memory import batch_bytes, check_shared_memory
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: PretrainingA
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.push_to_hub:  # fail before any work
         ensure_hub_available("push the pre-trained model (--push_to_hub)", args.hub_token)
-    if sharded_source(data_args) is not None:
+    if (source := sharded_source(data_args)) is not None:
+        refuse_validation_beside_shards(data_args, source[1])
         stream_shards(args)
     check_streamed_checkpoints(args)
     if args.recipe is not None:  # before the accelerator, which takes the accumulation steps
@@ -180,6 +182,15 @@ def say_if_not_as_configured(accelerator) -> None:
                            accelerator.device.type, described)
 
 
+def refuse_validation_beside_shards(data_args: DataArguments, flag: str) -> None:
+    """A streamed pre-training run has no validation pass yet: a validation set given with it would not be read."""
+    given = data_args.validation_dir or data_args.validation_files
+    if given:
+        name = "--validation_dir" if data_args.validation_dir else "--validation_files"
+        raise ValueError(f"{name} {given!r} would not be read: a pre-training run streamed from shards ({flag}) has no "
+                         f"validation pass yet; drop {name}, or pre-train from an image folder.")
+
+
 def claim_main_process_output_dir(args: PretrainingArguments, accelerator):
     """Check the output folder and lock it (main process); a context manager for the rest of the run."""
     lock = contextlib.nullcontext()
@@ -207,10 +218,6 @@ def load_data(data_args: DataArguments, args: PretrainingArguments, accelerator)
         train = splits["train"]
         splits["train"] = (train.take(data_args.max_train_samples) if args.streaming
                            else train.select(range(min(data_args.max_train_samples, len(train)))))
-    if args.streaming:  # each process its own shards (or every n-th row when they do not divide evenly)
-        from datasets.distributed import split_dataset_by_node
-
-        splits["train"] = split_dataset_by_node(splits["train"], accelerator.process_index, accelerator.num_processes)
     skipped = 0
     if "validation" in splits and not args.streaming:  # the training images are handled where they are decoded
         with accelerator.main_process_first():
@@ -263,6 +270,7 @@ def train_loader_for(data: PretrainingData, transform, draw_mask, data_args, arg
     common = dict(image_column=data.image_column, transform=transform, draw_mask=draw_mask, seed=args.seed,
                   max_pixels=data_args.max_image_pixels, skip_unreadable=data_args.skip_corrupt_images)
     workers = default_num_workers() if args.dataloader_num_workers is None else args.dataloader_num_workers
+    check_shared_memory(workers, batch_bytes(args.per_device_train_batch_size, transform.size, 1))  # uint8 crops
     loading = dict(batch_size=args.per_device_train_batch_size, collate_fn=collate, num_workers=workers,
                    pin_memory=torch.cuda.is_available())
     if args.streaming:  # workers restart each epoch, so they see the epoch that seeds the stream's order

@@ -7,12 +7,11 @@ a resumed run, or the same global batch split over several processes, sees exact
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset as TorchDataset, IterableDataset as TorchIterableDataset, Sampler, get_worker_info
+from torch.utils.data import Dataset as TorchDataset, Sampler
 
 from .transforms import sample_generator
+from .streams import ResumableStream
 from .decoding import MAX_IMAGE_PIXELS, UnreadableImageError, UnreadableImages, decode_image, open_image_header
-
-SHUFFLE_BUFFER = 1000  # rows; with ~1,000-image shards and shard order shuffled too, as webdataset users do
 
 
 class EpochSampler(Sampler):
@@ -64,56 +63,20 @@ class MaskedImageDataset(MaskedRows, TorchDataset):
                                              use=lambda image: self.masked_sample(image, generator))[1]
 
 
-class StreamingMaskedImageDataset(MaskedRows, TorchIterableDataset):
-    """Streaming: shards (of this process's part, `split_dataset_by_node`) shared out between data-loader workers
-    by `datasets`, their order and a buffer of `SHUFFLE_BUFFER` rows shuffled per (seed, epoch). A row's place in its
-    worker's stream seeds its crop and mask, and travels with the sample (`stream_position`: worker, place), so the
-    training loop knows the last row it used from each worker; a resumed run skips the rows up to there unread
-    (their bytes are read, not decoded) and continues exactly where the checkpoint was taken."""
+class StreamingMaskedImageDataset(MaskedRows, ResumableStream):
+    """Streaming ([`ResumableStream`]): this process's parts of the shards, one per data-loader worker, each row's
+    place seeding its crop and mask; a resumed run continues at the row after the last one its checkpoint used."""
 
     def __init__(self, *args, rank: int = 0, world: int = 1, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.rank, self.world, self.epoch = rank, world, 0
-        self.resume_after: dict[int, int] = {}  # worker -> last place used before the checkpoint, in `self.epoch`
-        self.used: dict[int, int] = {}  # training-loop side: worker -> last place used in this epoch
+        MaskedRows.__init__(self, *args, **kwargs)
+        ResumableStream.__init__(self, self.dataset, self.seed, rank, world)
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.resume_after = {}
-        self.epoch, self.used = epoch, dict(self.resume_after)
-
-    def record(self, positions: torch.Tensor) -> None:
-        """Note the (worker, place) pairs of a batch the training loop took."""
-        for worker, place in positions.tolist():
-            self.used[worker] = max(self.used.get(worker, -1), place)
-
-    def progress(self, workers: int) -> list[int]:
-        """[epoch, last place used from worker 0, 1, ...] for a checkpoint."""
-        return [self.epoch] + [self.used.get(worker, -1) for worker in range(max(1, workers))]
-
-    def resume_at(self, progress: list[int], workers: int) -> None:
-        if len(progress) != max(1, workers) + 1:
-            raise ValueError(f"This streamed run was checkpointed with {len(progress) - 1} data-loader worker(s) per "
-                             f"process; resume it with --dataloader_num_workers {len(progress) - 1} (now {workers}).")
-        self.epoch, self.resume_after = progress[0], {w: p for w, p in enumerate(progress[1:]) if p >= 0}
-        self.used = dict(self.resume_after)
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        start = self.resume_after.get(worker, -1) + 1
-        stream = self.dataset.shuffle(seed=self.seed + self.epoch, buffer_size=SHUFFLE_BUFFER)
-        for position, row in enumerate(stream):
-            if position < start:
-                continue
-            index = (position * workers + worker) * self.world + self.rank  # unique over processes and workers
-            generator = sample_generator(self.seed, self.epoch, index)
-            try:
-                sample = self.masked_sample(open_image_header(row[self.image_column], self.max_pixels), generator)
-            except UnreadableImageError as error:
-                self.unreadable.met(error)
-                continue
-            yield sample | {"stream_position": torch.tensor([worker, position])}
+    def sample(self, row: dict, generator: torch.Generator, index: int, epoch: int) -> dict | None:
+        try:
+            return self.masked_sample(open_image_header(row[self.image_column], self.max_pixels), generator)
+        except UnreadableImageError as error:
+            self.unreadable.met(error)
+            return None
 
 
 class ProcessorView:

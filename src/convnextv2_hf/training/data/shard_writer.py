@@ -12,7 +12,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from .folders import scan_folder
-from .shards import UNFINISHED
+from .shards import SHARD_ROWS, UNFINISHED
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ def write_shards(train_dir: str, output_dir: str, shard_format: str = "webdatase
     with ProcessPoolExecutor(workers) as pool:
         written = list(tqdm(pool.map(writer, *zip(*jobs)), total=count, desc=f"Writing {shard_format} shards"))
     (out / "classes.json").write_text(json.dumps(scan.classes if labelled else []))
+    # rows per shard, so that a streamed run knows its length without opening the shards
+    (out / SHARD_ROWS).write_text(json.dumps({Path(job[0]).name: len(job[2]) for job in jobs}))
     (out / UNFINISHED).unlink()  # last: the set is complete
     return written
 

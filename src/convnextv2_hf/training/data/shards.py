@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 SHARD_FORMATS = {".tar": "webdataset", ".parquet": "parquet"}
 UNFINISHED = ".write-shards-unfinished"  # in a folder while write-shards writes it; removed once the set is complete
+SHARD_ROWS = "shards.json"  # written by write-shards beside its shards: {shard file name: images}
 
 
 def expand_shard_patterns(patterns: list[str], flag: str) -> tuple[str, list[str]]:
@@ -126,18 +127,56 @@ def sharded_source(data_args) -> tuple[list[str], str] | None:
     elif data_args.train_dir is not None and os.path.isdir(data_args.train_dir):
         files = shards_in_folder(data_args.train_dir)
         source = (files, "--train_dir") if files else None
-    if source is not None and getattr(data_args, "validation_dir", None):
-        raise ValueError(f"--validation_dir {data_args.validation_dir!r} would not be read: a run streamed from "
-                         f"shards ({source[1]}) has no validation pass yet; drop --validation_dir, or train from an "
-                         "image folder.")
     return source
 
 
-def load_shards(patterns: list[str], flag: str):
-    """The shards as a streaming `IterableDatasetDict` with a train split; each shard is a unit that
+def load_shards(patterns: list[str], flag: str, split: str = "train"):
+    """The shards as a streaming `IterableDatasetDict` with one split; each shard is a unit that
     `split_dataset_by_node` and the data-loader workers share out."""
     from datasets import load_dataset
 
     builder, files = expand_shard_patterns(patterns, flag)
     logger.info("%s: %d %s shard(s), streamed", flag, len(files), builder)
-    return load_dataset(builder, data_files={"train": files}, streaming=True)
+    return load_dataset(builder, data_files={split: files}, streaming=True)
+
+
+def shard_rows(files: list[str], builder: str) -> int:
+    """The images in `files`: from the `shards.json` that write-shards leaves beside its shards, else from each
+    parquet footer or each tar's member headers (in threads; a tar's image bytes are skipped, not read)."""
+    import json
+
+    recorded = {}
+    for folder in {os.path.dirname(path) for path in files}:
+        record = Path(folder, SHARD_ROWS)
+        if record.is_file():
+            recorded.update({os.path.join(folder, name): rows for name, rows in json.loads(record.read_text()).items()})
+    missing = [path for path in files if path not in recorded]
+    if missing:
+        logger.info("Counting the images of %d shard(s) without a %s record", len(missing), SHARD_ROWS)
+        with ThreadPoolExecutor(max_workers=min(16, len(missing))) as pool:
+            recorded.update(zip(missing, pool.map(tar_rows if builder == "webdataset" else parquet_rows, missing)))
+    return sum(recorded[path] for path in files)
+
+
+def tar_rows(path: str) -> int:
+    """Samples (distinct keys of image members) in a webdataset tar."""
+    from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
+
+    with tarfile.open(path) as archive:
+        return len({os.path.splitext(member.name)[0] for member in archive
+                    if os.path.splitext(member.name)[1].lower() in IMAGE_EXTENSIONS})
+
+
+def parquet_rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(path).num_rows
+
+
+def shard_class_names(files: list[str]) -> list[str] | None:
+    """The class names in the `classes.json` beside the shards (write-shards writes it; an empty list for shards
+    without labels); None where there is none."""
+    import json
+
+    record = Path(os.path.dirname(files[0]), "classes.json")
+    return json.loads(record.read_text()) if record.is_file() else None

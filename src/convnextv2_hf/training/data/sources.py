@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 # The last four: webdataset shards name their columns by file extension.
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "picture", "jpg", "jpeg", "png", "webp")
-LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class")
+LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "cls")  # cls: webdataset's class index
 
 
 def load_image_dataset(args, labelled: bool = False, streaming: bool = False, token: str | None = None):

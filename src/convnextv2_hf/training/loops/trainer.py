@@ -18,10 +18,12 @@ from transformers import Trainer, TrainerCallback
 from ...outputs.manifest import remove_ours
 from ...outputs.staging import TRAINER_MARKER, failed_write_kept_out, publish, shared_staging
 from ..checkpoints import check_finite_loss, rotate_checkpoints
+from ..data.streams import ResumableStream
 from .ema import ModelEMA
 from .optim import create_optimizer
 
 EMA_WEIGHTS = "ema.safetensors"
+STREAM_POSITIONS = "stream_positions.json"  # per process: the part of the next batch, (epoch, last row) per part
 
 
 class EMACallback(TrainerCallback):
@@ -61,6 +63,16 @@ class EpochCallback(TrainerCallback):
         self.dataset.set_epoch(int(state.epoch + 1e-9))
 
 
+class PassCallback(TrainerCallback):
+    """A streamed run is one `Trainer` epoch of `max_steps`: its logs count passes over the data instead."""
+
+    def __init__(self, steps_per_pass: int):
+        self.steps_per_pass = steps_per_pass
+
+    def on_step_end(self, args, state, control, **kwargs):
+        state.epoch = state.global_step / self.steps_per_pass
+
+
 class CrashSafeCheckpoints:
     """Mixin for `Trainer` classes: staged, renamed checkpoints with the EMA weights inside."""
 
@@ -76,15 +88,22 @@ class CrashSafeCheckpoints:
                 super()._save_checkpoint(model, trial)
             finally:
                 self.args.output_dir, self.args.save_total_limit = output_dir, limit
+            extras = self.checkpoint_extras()  # every process: may gather
             if self.args.should_save:
-                self._finish_staged(staging / name, Path(run_dir, name))
+                self._finish_staged(staging / name, Path(run_dir, name), extras)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             rotate_checkpoints(run_dir, limit, TRAINER_MARKER, protect=self.state.best_model_checkpoint)
 
-    def _finish_staged(self, staged: Path, final: Path) -> None:
+    def checkpoint_extras(self) -> dict[str, object]:
+        """JSON files to write into each checkpoint besides the Trainer's own (file name -> content)."""
+        return {}
+
+    def _finish_staged(self, staged: Path, final: Path, extras: dict[str, object]) -> None:
         if self.ema is not None:
             self.ema.save(staged)
+        for file_name, content in extras.items():
+            Path(staged, file_name).write_text(json.dumps(content))
         best = self.state.best_model_checkpoint
         if best and Path(best).parent == staged.parent:  # the Trainer named the staging path as the best one
             self.state.best_model_checkpoint = str(final)
@@ -103,6 +122,48 @@ class StopsOnNonFiniteLoss:
         check_finite_loss(self.accelerator.gather(loss.detach().float().reshape(1)), self.state.global_step + 1,
                           self.args.output_dir, TRAINER_MARKER)
         return loss
+
+
+class StreamedTrainingData:
+    """Mixin for `Trainer` classes: a streamed training set ([`ResumableStream`]) is read by each process's own
+    loader (its own parts of the stream; Accelerate's would read it all in one process and send it out), each
+    batch's rows are noted, and every checkpoint records where each process's stream stands."""
+
+    def get_train_dataloader(self):
+        if not isinstance(self.train_dataset, ResumableStream):
+            return super().get_train_dataloader()
+        from torch.utils.data import DataLoader
+
+        workers = self.args.dataloader_num_workers
+        # its own generator: starting the loader (as a resumed run does after restoring the RNG state) must not draw
+        # from the global one, which drop path uses (the samples are seeded apart)
+        return DataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
+                          num_workers=workers, pin_memory=self.args.dataloader_pin_memory,
+                          prefetch_factor=self.args.dataloader_prefetch_factor if workers else None,
+                          generator=torch.Generator().manual_seed(self.args.seed))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        positions = inputs.pop("stream_position", None)
+        if positions is not None:
+            self.train_dataset.record(positions)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def checkpoint_extras(self) -> dict[str, object]:
+        extras = super().checkpoint_extras()
+        if isinstance(self.train_dataset, ResumableStream):
+            mine = torch.tensor([self.train_dataset.progress(self.args.dataloader_num_workers)], device=self.args.device)
+            extras[STREAM_POSITIONS] = self.accelerator.gather(mine).tolist()
+        return extras
+
+    def resume_stream(self, checkpoint: str | os.PathLike) -> None:
+        """Continue each process's stream after the last row its checkpoint had used."""
+        path, processes = Path(checkpoint, STREAM_POSITIONS), self.args.world_size
+        saved = json.loads(path.read_text()) if path.is_file() else None
+        if saved is None or len(saved) != processes:
+            written = "without stream positions" if saved is None else f"by {len(saved)} process(es)"
+            raise ValueError(f"--resume_from_checkpoint {checkpoint} was written {written}; resume a streamed run with "
+                             f"the data and number of processes it was saved with (now {processes}).")
+        self.train_dataset.resume_at(saved[self.args.process_index], self.args.dataloader_num_workers)
 
 
 class RecipeOptimizer:
@@ -146,11 +207,12 @@ class MixingTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-class FinetuningTrainer(RecipeOptimizer, StopsOnNonFiniteLoss, CrashSafeCheckpoints, Trainer):
+class FinetuningTrainer(RecipeOptimizer, StopsOnNonFiniteLoss, StreamedTrainingData, CrashSafeCheckpoints, Trainer):
     pass
 
 
-class MixingFinetuningTrainer(RecipeOptimizer, StopsOnNonFiniteLoss, CrashSafeCheckpoints, MixingTrainer):
+class MixingFinetuningTrainer(RecipeOptimizer, StopsOnNonFiniteLoss, StreamedTrainingData, CrashSafeCheckpoints,
+                              MixingTrainer):
     pass
 
 

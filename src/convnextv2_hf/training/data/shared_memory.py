@@ -1,0 +1,31 @@
+"""Data-loader workers hand their batches over through shared memory (`/dev/shm` on Linux). Containers often give
+it 64 MB or less; a worker that cannot allocate there fails in a background thread, and the loader then waits
+forever for its batch or goes on without it. So the room is checked before the workers start."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+SHARED_MEMORY = "/dev/shm"
+DEFAULT_PREFETCH = 2  # torch's DataLoader: batches each worker prepares ahead
+
+
+def batch_bytes(batch_size: int, image_size: int, bytes_per_value: int) -> int:
+    """The pixels of one batch of 3-channel square images."""
+    return batch_size * 3 * image_size * image_size * bytes_per_value
+
+
+def check_shared_memory(workers: int, one_batch: int, prefetch: int | None = None, folder: str = SHARED_MEMORY) -> None:
+    """Refuse, in one line naming the cause and both fixes, a loader whose workers' batches in flight (each worker
+    prepares `prefetch` ahead) would not fit in the free shared memory; nothing to check without workers or where
+    there is no `/dev/shm`."""
+    if workers <= 0 or not os.path.isdir(folder):
+        return
+    needed = workers * (prefetch or DEFAULT_PREFETCH) * one_batch * 5 // 4  # a quarter more: the collated copies
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise ValueError(
+            f"{folder} has {free / 2**20:,.1f} MiB free, but {workers} data-loader worker(s) need about "
+            f"{needed / 2**20:,.1f} MiB of it to hand batches over; pass --dataloader_num_workers 0 (or fewer "
+            f"workers, or a smaller batch), or give the machine more shared memory (docker run --shm-size 8g).")
