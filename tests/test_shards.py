@@ -52,6 +52,21 @@ def test_written_shards_hold_every_image_once_with_its_label(shards, kind):
     assert json.loads((shards / f"numbered-{kind}" / "classes.json").read_text()) == ["even", "odd"]
 
 
+def test_write_shards_mixes_the_classes_unless_asked_to_keep_the_order(shards, tmp_path):
+    """A sorted two-class folder in shards of 4: shuffled (the default), shards mix both classes; --keep_order's
+    first shard holds one class."""
+    def shard_labels(folder):
+        train = load_shards([str(folder / "*.parquet")], "--train_files")["train"]
+        return [train.shard(num_shards=train.num_shards, index=i)["label"] for i in range(train.num_shards)]
+
+    sorted_folder = tmp_path / "sorted"
+    write_shards(str(shards / "numbered"), str(sorted_folder), "parquet", images_per_shard=4, num_proc=1, seed=None)
+    kept = [list(labels) for labels in shard_labels(sorted_folder)]
+    assert kept[0] == [0, 0, 0, 0] and kept[-1] == [1, 1, 1, 1]
+    mixed = [list(labels) for labels in shard_labels(shards / "numbered-parquet")]
+    assert sorted(sum(mixed, [])) == sorted(sum(kept, [])) and any(len(set(labels)) == 2 for labels in mixed)
+
+
 def test_processes_and_workers_each_read_their_own_part(shards):
     """Two processes with two data-loader workers each: every image exactly once per epoch."""
     from torch.utils.data import DataLoader

@@ -127,7 +127,8 @@ def write_shards(args: argparse.Namespace) -> None:
     """Write an image folder as webdataset (.tar) or parquet shards, for --train_files on many machines."""
     from .training.data.shard_writer import write_shards as write
 
-    written = write(args.train_dir, args.output_dir, args.format, args.images_per_shard, args.num_proc)
+    written = write(args.train_dir, args.output_dir, args.format, args.images_per_shard, args.num_proc,
+                    None if args.keep_order else args.seed)
     print(f"wrote {len(written)} {args.format} shard(s) to {args.output_dir}; pre-train on them with "
           f"--train_files '{Path(args.output_dir) / ('*.tar' if args.format == 'webdataset' else '*.parquet')}'")
 
@@ -165,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--images_per_shard", type=int, default=1000,
                        help="images per shard; give at least processes x data-loader workers shards")
     shard.add_argument("--num_proc", type=int, help="processes writing shards; None: the cores, at most 8")
+    shard.add_argument("--seed", type=int, default=0, help="the shuffle of the images across shards")
+    shard.add_argument("--keep_order", action="store_true",
+                       help="write the folder's sorted order instead (shards of about one class each)")
     shard.set_defaults(func=write_shards)
     commands.add_parser("demo", help="How many labels does FCMAE pre-training save? Pre-train, fine-tune and report "
                         "on a real data set, offline (demo --help).", add_help=False)

@@ -21,11 +21,12 @@ logger = logging.getLogger(__name__)
 
 
 def write_shards(train_dir: str, output_dir: str, shard_format: str = "webdataset", images_per_shard: int = 1000,
-                 num_proc: int | None = None) -> list[str]:
+                 num_proc: int | None = None, seed: int | None = 0) -> list[str]:
     """Write the images of `train_dir` (two or more class sub-folders become labels; other layouts, one image
     sub-folder included, are written without labels) into numbered shards in `output_dir`, in parallel, image bytes
-    unchanged; returns the shard paths. Shards hold the folder's sorted order: a streaming run shuffles shard order
-    and a buffer, so keep shards small enough (about 1,000 images) to mix well."""
+    unchanged; returns the shard paths. The images are shuffled across shards by `seed` (None: the folder's sorted
+    order): a stream shuffles shard order and a 1,000-row buffer only, so shards of a sorted class folder (about one
+    class each, at ImageNet's 1,300 images per class) would give batches of one or two classes."""
     from tqdm.auto import tqdm
 
     for flag, value in (("--images_per_shard", images_per_shard), ("--num_proc", num_proc)):
@@ -38,6 +39,11 @@ def write_shards(train_dir: str, output_dir: str, shard_format: str = "webdatase
     index = {name: i for i, name in enumerate(scan.classes)}
     labels = ([index[parts[0]] for parts, names in scan.folders for _ in range(len(names))] if labelled
               else [None] * len(paths))
+    if seed is not None:
+        import numpy as np
+
+        order = np.random.default_rng(seed).permutation(len(paths))
+        paths, labels = [paths[i] for i in order], [labels[i] for i in order]
     out = prepare_output(train_dir, output_dir)
     suffix = ".tar" if shard_format == "webdataset" else ".parquet"
     count = -(-len(paths) // images_per_shard)
