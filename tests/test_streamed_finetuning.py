@@ -43,7 +43,7 @@ class Widths(ResumableStream):
     """Each sample is its image's width (which names the image)."""
 
     def sample(self, row, generator, index, epoch):
-        return {"width": torch.tensor(row["jpg"].width)}
+        return {"width": torch.tensor(row["jpg" if "jpg" in row else "image"].width)}
 
 
 def widths_of(batches):
@@ -76,6 +76,33 @@ def test_a_stream_cut_after_any_batch_resumes_in_the_uninterrupted_order(shards,
         resumed.resume_at(first.progress(2), 2)
         rest = widths_of(batch for batch, _ in zip(loader(resumed), range(total - cut)))
         assert rest == full[cut:], f"cut after batch {cut}"
+
+
+def test_a_resumed_stream_does_not_open_the_shards_it_had_finished(shards, monkeypatch):
+    """6 shards of 4 (sizes from write-shards' record), one reader: cut after 3 batches of 4, the resumed stream
+    opens only the 3 shards left and yields the uninterrupted stream's images."""
+    from convnextv2_hf.training.data import streams
+    from convnextv2_hf.training.data.shards import expand_shard_patterns, shard_row_counts
+
+    builder, paths = expand_shard_patterns([files(shards, "parquet")], "--train_files")
+    sizes = shard_row_counts(paths, builder, count_missing=False)
+    assert sizes == [4] * 6
+    train = load_shards([files(shards, "parquet")], "--train_files")["train"]
+    opened, read = [], streams.rows_of
+    monkeypatch.setattr(streams, "rows_of", lambda stream: opened.append(stream) or read(stream))
+
+    def loader(stream):
+        return DataLoader(stream, batch_size=4, collate_fn=KeepsStreamPositions(
+            lambda examples: {"width": torch.stack([e["width"] for e in examples])}))
+
+    full = widths_of(loader(Widths(train, seed=1, shard_sizes=sizes)))
+    first = Widths(train, seed=1, shard_sizes=sizes)
+    for batch, _ in zip(loader(first), range(3)):
+        first.record(batch["stream_position"])
+    resumed = Widths(train, seed=1, shard_sizes=sizes)
+    resumed.resume_at(first.progress(0), 0)
+    opened.clear()
+    assert widths_of(loader(resumed)) == full[3:] and len(opened) == 3
 
 
 @pytest.mark.parametrize("kind", list(SUFFIX))

@@ -61,6 +61,7 @@ class LabelledData:
     train_rows: int = 0  # images in a pass over the training data
     eval_rows: int | None = None  # None: a stream of unknown length
     streamed: bool = False
+    shard_sizes: list[int] | None = None  # a stream's images per shard, where known
 
 
 def parse_args(argv: list[str] | None = None):
@@ -220,7 +221,7 @@ def load_streamed_data(data_args: DataArguments, recipe: FinetuningArguments, tr
     evaluation, eval_rows, skipped = streamed_evaluation(splits, labels, image_column, label_column, data_args, recipe,
                                                          training_args)
     return LabelledData(sources.undecoded(train.stream, image_column), evaluation, image_column, label_column, labels,
-                        skipped, 0, train.rows or 0, eval_rows, streamed=True)
+                        skipped, 0, train.rows or 0, eval_rows, streamed=True, shard_sizes=train.shard_sizes)
 
 
 def streamed_evaluation(splits, labels, image_column, label_column, data_args, recipe, training_args):
@@ -352,7 +353,8 @@ def attach_stream_transforms(data: LabelledData, processor, train_transform, dat
     unreadable = decoding.UnreadableImages(0, data_args.skip_corrupt_images, data_args.max_image_pixels)
     data.train = labelled_streams.StreamedLabelledDataset(
         data.train, data.image_column, data.label_column, train_transform, training_args.seed, unreadable,
-        rank=training_args.process_index, world=training_args.world_size, max_pixels=data_args.max_image_pixels)
+        rank=training_args.process_index, world=training_args.world_size, max_pixels=data_args.max_image_pixels,
+        shard_sizes=data.shard_sizes)
     if isinstance(data.evaluation, IterableDataset):
         data.evaluation = labelled_streams.StreamedEvaluationDataset(
             data.evaluation, data.image_column, data.label_column, processor, data_args.skip_corrupt_images,

@@ -37,7 +37,7 @@ from ..outputs.output_dir import check_output_dir, checkpoint_bytes, claim_outpu
 from .recipes import PRETRAIN_RECIPES, apply_recipe, card_lines, note_model
 from ..outputs.cards import CardInfo, inherited, save_model_card
 from .plots import save_curves, save_reconstruction_grid
-from .data.shards import sharded_source
+from .data.shards import expand_shard_patterns, shard_row_counts, sharded_source
 from .data.shared_memory import batch_bytes, check_shared_memory
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class PretrainingData:
     image_column: str
     skipped: int  # evaluation images dropped before training
     ignored: int
+    shard_sizes: list[int | None] | None = None  # shards' recorded sizes: a resumed stream skips finished ones
 
 
 def parse_args(argv: list[str] | None = None):
@@ -225,7 +226,16 @@ def load_data(data_args: DataArguments, args: PretrainingArguments, accelerator)
                                                                               data_args)
     for name, split in splits.items():
         sources.check_not_empty(split, name)
-    return PretrainingData(splits["train"], splits.get("validation"), image_column, skipped, ignored)
+    sizes = recorded_shard_sizes(data_args) if data_args.max_train_samples is None else None  # `take` cuts shards
+    return PretrainingData(splits["train"], splits.get("validation"), image_column, skipped, ignored, sizes)
+
+
+def recorded_shard_sizes(data_args: DataArguments) -> list[int | None] | None:
+    """The images per shard that write-shards recorded (none are counted here: only a resume uses them)."""
+    if (source := sharded_source(data_args)) is None:
+        return None
+    builder, files = expand_shard_patterns(*source)
+    return shard_row_counts(files, builder, count_missing=False)
 
 
 def prepare_run(accelerator, model, processor, data: PretrainingData, model_args, data_args, args) -> FCMAERun:
@@ -275,7 +285,7 @@ def train_loader_for(data: PretrainingData, transform, draw_mask, data_args, arg
                    pin_memory=torch.cuda.is_available())
     if args.streaming:  # workers restart each epoch, so they see the epoch that seeds the stream's order
         dataset = StreamingMaskedImageDataset(data.train, **common, rank=accelerator.process_index,
-                                              world=accelerator.num_processes)
+                                              world=accelerator.num_processes, shard_sizes=data.shard_sizes)
         return dataset, None, DataLoader(dataset, **loading)
     dataset = MaskedImageDataset(data.train, **common)
     sampler = EpochSampler(len(dataset), args.seed)  # the epoch travels with each index: workers can persist

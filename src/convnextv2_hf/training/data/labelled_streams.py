@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import IterableDataset as TorchIterableDataset
 
 from .decoding import MAX_IMAGE_PIXELS, UnreadableImageError, decode_for_processor, open_image_header
-from .shards import expand_shard_patterns, shard_class_names, shard_rows, sharded_source
+from .shards import expand_shard_patterns, shard_class_names, shard_row_counts, sharded_source
 from .streams import ResumableStream
 from . import sources
 
@@ -20,12 +20,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class StreamedSplit:
-    """One streamed split: the `datasets` stream, its images (None: unknown) and its class names."""
+    """One streamed split: the `datasets` stream, its images (None: unknown), its class names, and its images per
+    shard (None: unknown)."""
 
     stream: object
     rows: int | None
     labels: list[str] | None
     flag: str
+    shard_sizes: list[int] | None = None
 
 
 def streamed_source(data_args, streaming: bool) -> bool:
@@ -50,7 +52,8 @@ def shard_split(patterns: list[str], flag: str) -> StreamedSplit:
     builder, files = expand_shard_patterns(patterns, flag)
     stream = load_dataset(builder, data_files={"train": files}, streaming=True)["train"]
     logger.info("%s: %d %s shard(s), streamed", flag, len(files), builder)
-    return StreamedSplit(stream, shard_rows(files, builder), shard_class_names(files), flag)
+    sizes = shard_row_counts(files, builder)
+    return StreamedSplit(stream, sum(sizes), shard_class_names(files), flag, sizes)
 
 
 def hub_split(stream, name: str, data_args) -> StreamedSplit:
@@ -89,8 +92,8 @@ class StreamedLabelledDataset(ResumableStream):
     endless = True
 
     def __init__(self, dataset, image_column: str, label_column: str, transform, seed: int, unreadable,
-                 rank: int = 0, world: int = 1, max_pixels: int = MAX_IMAGE_PIXELS):
-        super().__init__(dataset, seed, rank, world)
+                 rank: int = 0, world: int = 1, max_pixels: int = MAX_IMAGE_PIXELS, shard_sizes: list | None = None):
+        super().__init__(dataset, seed, rank, world, shard_sizes)
         self.image_column, self.label_column, self.transform = image_column, label_column, transform
         self.unreadable, self.max_pixels = unreadable, max_pixels
 

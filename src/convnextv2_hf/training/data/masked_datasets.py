@@ -67,9 +67,9 @@ class StreamingMaskedImageDataset(MaskedRows, ResumableStream):
     """Streaming ([`ResumableStream`]): this process's parts of the shards, one per data-loader worker, each row's
     place seeding its crop and mask; a resumed run continues at the row after the last one its checkpoint used."""
 
-    def __init__(self, *args, rank: int = 0, world: int = 1, **kwargs):
+    def __init__(self, *args, rank: int = 0, world: int = 1, shard_sizes: list | None = None, **kwargs):
         MaskedRows.__init__(self, *args, **kwargs)
-        ResumableStream.__init__(self, self.dataset, self.seed, rank, world)
+        ResumableStream.__init__(self, self.dataset, self.seed, rank, world, shard_sizes)
 
     def sample(self, row: dict, generator: torch.Generator, index: int, epoch: int) -> dict | None:
         try:

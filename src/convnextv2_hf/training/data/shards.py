@@ -140,9 +140,10 @@ def load_shards(patterns: list[str], flag: str, split: str = "train"):
     return load_dataset(builder, data_files={split: files}, streaming=True)
 
 
-def shard_rows(files: list[str], builder: str) -> int:
-    """The images in `files`: from the `shards.json` that write-shards leaves beside its shards, else from each
-    parquet footer or each tar's member headers (in threads; a tar's image bytes are skipped, not read)."""
+def shard_row_counts(files: list[str], builder: str, count_missing: bool = True) -> list[int | None]:
+    """The images in each of `files`: from the `shards.json` that write-shards leaves beside its shards, else (with
+    `count_missing`) from each parquet footer or each tar's member headers, in threads (a tar's image bytes are
+    skipped, not read); None where not counted."""
     import json
 
     recorded = {}
@@ -151,11 +152,11 @@ def shard_rows(files: list[str], builder: str) -> int:
         if record.is_file():
             recorded.update({os.path.join(folder, name): rows for name, rows in json.loads(record.read_text()).items()})
     missing = [path for path in files if path not in recorded]
-    if missing:
+    if missing and count_missing:
         logger.info("Counting the images of %d shard(s) without a %s record", len(missing), SHARD_ROWS)
         with ThreadPoolExecutor(max_workers=min(16, len(missing))) as pool:
             recorded.update(zip(missing, pool.map(tar_rows if builder == "webdataset" else parquet_rows, missing)))
-    return sum(recorded[path] for path in files)
+    return [recorded.get(path) for path in files]
 
 
 def tar_rows(path: str) -> int:

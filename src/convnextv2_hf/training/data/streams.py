@@ -1,33 +1,69 @@
 """A streamed training set shared out between processes and data-loader workers, resumable at the exact row.
 
 Each process's data-loader workers read disjoint parts of the stream: whole shards when there are at least as many
-shards as parts (processes x workers), otherwise every n-th row. A part's shard order and a buffer of rows are
-shuffled per (seed, epoch). A row's place in its part seeds its augmentation and travels with the sample
-(`stream_position`: part, epoch, place), so the training side knows the last row it used from each part.
+shards as parts (processes x workers), otherwise every n-th row. A part reads its shards one after the other in an
+order drawn from (seed, epoch), each through a buffer of `SHUFFLE_BUFFER` rows drawn from (seed, epoch, shard). A
+row's place in its part seeds its augmentation and travels with the sample (`stream_position`: part, epoch,
+place), so the training side knows the last row it used from each part.
 
-A `DataLoader` takes batches from its workers in turn, starting with worker 0 whenever it starts. A resumed run
-therefore lets worker 0 play the part whose batch came next when the checkpoint was taken (`first_part`), worker 1
-the one after, and so on: the batches come in the uninterrupted run's order. Rows a part had already used are
-skipped before they are decoded.
+A resumed part skips the shards it had finished without opening them (where their sizes are known: write-shards
+records them) and the rows it had used of the next one without decoding them. A `DataLoader` takes batches from
+its workers in turn, starting with worker 0 whenever it starts; a resumed run therefore lets worker 0 play the part
+whose batch came next when the checkpoint was taken (`first_part`), worker 1 the one after, and so on: the batches
+come in the uninterrupted run's order.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset as TorchIterableDataset, get_worker_info
 
 from .transforms import sample_generator
 
-SHUFFLE_BUFFER = 1000  # rows; with ~1,000-image shards and shard order shuffled too, as webdataset users do
+SHUFFLE_BUFFER = 1000  # rows; shards are shuffled when written, and their order per epoch
 
 
-def part_rows(dataset, seed: int, epoch: int, part: int, parts: int):
-    """The rows of `part` of `parts` of a `datasets` stream, as dicts, in an order drawn from (seed, epoch)."""
-    if parts > 1 and dataset.num_shards >= parts:
-        part_stream = dataset.shard(num_shards=parts, index=part, contiguous=False)
-        return rows_of(part_stream.shuffle(seed=seed + epoch, buffer_size=SHUFFLE_BUFFER))
-    rows = rows_of(dataset.shuffle(seed=seed + epoch, buffer_size=SHUFFLE_BUFFER))
-    return (row for place, row in enumerate(rows) if place % parts == part) if parts > 1 else rows
+def part_rows(dataset, seed: int, epoch: int, part: int, parts: int, shard_sizes=None, start: int = 0):
+    """(place, row) of `part` of `parts` of a `datasets` stream, from place `start` on, in an order drawn from
+    (seed, epoch); shards of known size that end before `start` are not opened."""
+    shards = dataset.num_shards
+    if parts > shards:  # fewer shards than parts: every part reads all and keeps every n-th row
+        everyone = shard_rows(dataset, seed, epoch, np.random.default_rng([seed, epoch]).permutation(shards).tolist())
+        mine = (row for index, row in enumerate(everyone) if index % parts == part)
+        yield from ((place, row) for place, row in enumerate(mine) if place >= start)
+        return
+    mine = list(range(part, shards, parts))
+    order = [mine[i] for i in np.random.default_rng([seed, epoch, part]).permutation(len(mine))]
+    place = 0
+    for shard in order:
+        size = shard_sizes[shard] if shard_sizes is not None else None
+        if size is not None and place + size <= start:
+            place += size  # used before the checkpoint: not even opened
+            continue
+        read = 0
+        for row in shard_rows(dataset, seed, epoch, [shard]):
+            if place >= start:
+                yield place, row
+            place, read = place + 1, read + 1
+        if size is not None and read != size:
+            raise ValueError(f"Shard {shard} of the stream holds {read} images where its record (shards.json) says "
+                             f"{size}; write the shards again, or remove the stale shards.json.")
+
+
+def shard_rows(dataset, seed: int, epoch: int, shards):
+    """The rows of `shards` of a `datasets` stream, one shard after the other, each through its own shuffle buffer."""
+    for shard in shards:
+        rng = np.random.default_rng([seed, epoch, shard, 1])
+        buffer = []
+        for row in rows_of(dataset.shard(num_shards=dataset.num_shards, index=shard, contiguous=True)):
+            if len(buffer) < SHUFFLE_BUFFER:
+                buffer.append(row)
+                continue
+            pick = int(rng.integers(SHUFFLE_BUFFER))
+            buffer[pick], row = row, buffer[pick]
+            yield row
+        yield from (buffer[i] for i in rng.permutation(len(buffer)))
 
 
 def rows_of(stream):
@@ -43,8 +79,9 @@ class ResumableStream(TorchIterableDataset):
 
     endless = False
 
-    def __init__(self, dataset, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, dataset, seed: int, rank: int = 0, world: int = 1, shard_sizes: list | None = None):
         self.dataset, self.seed, self.rank, self.world, self.epoch = dataset, seed, rank, world, 0
+        self.shard_sizes = shard_sizes  # images per shard (None: unknown), to skip finished shards unread
         self.resume_after: dict[int, tuple[int, int]] = {}  # part -> (epoch, last place used before the checkpoint)
         self.first_part = 0  # the part the loader's worker 0 plays (the part whose batch came next)
         self.used: dict[int, tuple[int, int]] = {}  # training side: part -> (epoch, last place used)
@@ -92,10 +129,8 @@ class ResumableStream(TorchIterableDataset):
         start += 1
         while True:
             produced = False
-            for place, row in enumerate(part_rows(self.dataset, self.seed, epoch, part * self.world + self.rank,
-                                                  workers * self.world)):
-                if place < start:
-                    continue
+            for place, row in part_rows(self.dataset, self.seed, epoch, part * self.world + self.rank,
+                                        workers * self.world, self.shard_sizes, start):
                 index = (place * workers + part) * self.world + self.rank  # unique over processes and parts
                 sample = self.sample(row, sample_generator(self.seed, epoch, index), index, epoch)
                 if sample is not None:
