@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from conftest import FINETUNE, assert_one_line, run_as_user
+from conftest import FINETUNE, assert_one_line, launch_two_processes, run_as_user
 from convnextv2_hf.training.data.shard_writer import write_shards
 from convnextv2_hf.training.data.shards import load_shards
 from convnextv2_hf.training.data.streams import KeepsStreamPositions, ResumableStream
@@ -183,3 +183,15 @@ def test_streamed_fine_tuning_refusals_are_one_line(shards, tmp_path):
         result = run_as_user([*FINETUNE, *stream_args(source, tmp_path / "o", *extra)], tmp_path, timeout=180)
         assert_one_line(result, *words)
     assert not Path(tmp_path / "o" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_from_their_own_parts_and_record_both(shards, tmp_path):
+    out = tmp_path / "two"
+    launch_two_processes(FINETUNE[1], stream_args(
+        ["--train_files", files(shards, "parquet"), "--validation_files", files(shards, "parquet")], out,
+        "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "3"))
+    saved = json.loads((out / "checkpoint-3" / "stream_positions.json").read_text())
+    # 6 shards, 2 processes x 2 workers: each worker its own shards; 3 steps of 4 images per process
+    assert len(saved) == 2 and all(len(part) == 5 and part[0] == 1 for part in saved)
+    assert "eval_top1_accuracy" in json.loads((out / "all_results.json").read_text())

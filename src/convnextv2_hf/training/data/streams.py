@@ -110,8 +110,9 @@ class ResumableStream(TorchIterableDataset):
 
     def resume_at(self, progress: list[int], workers: int) -> None:
         parts = max(1, workers)
-        if len(progress) == parts + 1:  # written by 0.3.0: [epoch, last place per part]; batches from part 0 on
-            progress = [0] + [value for place in progress[1:] for value in (progress[0], place)]
+        if len(progress) == parts + 1:  # [epoch, last place per worker]: places in the stream order before 0.4.0
+            raise ValueError("This streamed checkpoint was written by convnextv2-hf 0.3.0 or earlier, whose stream "
+                             "order 0.4.0 no longer follows; resume it with that release, or start a new --output_dir.")
         if len(progress) != 2 * parts + 1:
             saved = (len(progress) - 1) // 2
             raise ValueError(f"This streamed run was checkpointed with {saved} data-loader worker(s) per process; "
@@ -139,7 +140,6 @@ class ResumableStream(TorchIterableDataset):
             if not self.endless or not (produced or start > 0):
                 return
             epoch, start = epoch + 1, 0
-
 
 
 class KeepsStreamPositions:
