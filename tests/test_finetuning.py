@@ -149,6 +149,8 @@ def test_mixup_cutmix_collator_makes_soft_labels():
 def test_evaluation_sees_the_processor_not_the_training_augmentation(images, tmp_path):
     """With RandAugment and erasing on for training, evaluation images are exactly what the saved processor (and so
     a pipeline) makes of them."""
+    from types import SimpleNamespace
+
     from convnextv2_hf import ConvNextV2ImageProcessor
     from convnextv2_hf.training.arguments import DataArguments, FinetuningArguments, ModelArguments
     from convnextv2_hf.training.data.decoding import decode_image
@@ -161,7 +163,8 @@ def test_evaluation_sees_the_processor_not_the_training_augmentation(images, tmp
     processor = ConvNextV2ImageProcessor(size={"shortest_edge": 32})
     recipe = FinetuningArguments()
     assert recipe.aa != "none" and recipe.reprob > 0
-    attach_transforms(data, processor, ModelArguments(image_size=32), recipe, DataArguments(), seed=0)
+    attach_transforms(data, processor, ModelArguments(image_size=32), recipe, DataArguments(),
+                      SimpleNamespace(seed=0))
     for index in range(3):
         expected = processor(decode_image(split[index]["image"]), return_tensors="pt")["pixel_values"][0]
         assert torch.equal(data.evaluation[index]["pixel_values"], expected)
