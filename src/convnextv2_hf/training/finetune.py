@@ -331,20 +331,21 @@ def attach_transforms(data: LabelledData, processor, model_args, recipe, data_ar
                                                     recipe)
     if data.streamed:
         return attach_stream_transforms(data, processor, train_transform, data_args, training_args)
-    seed = training_args.seed
+    attach_processor_view(data, processor, data_args.max_image_pixels)
+    unreadable = decoding.UnreadableImages(len(data.train), data_args.skip_corrupt_images, data_args.max_image_pixels)
+    data.train = SeededAugmentedDataset(data.train, data.image_column, data.label_column, train_transform,
+                                        training_args.seed, unreadable)
 
-    def decode(cell):
-        return decoding.decode_image(cell, data_args.max_image_pixels)
+
+def attach_processor_view(data: LabelledData, processor, max_pixels: int) -> None:
+    """A listed evaluation split, decoded when read and prepared by the processor, as a pipeline prepares images."""
 
     def eval_batch(batch):
-        images = [decode(cell) for cell in batch[data.image_column]]
+        images = [decoding.decode_image(cell, max_pixels) for cell in batch[data.image_column]]
         return {"pixel_values": list(processor(images, return_tensors="pt")["pixel_values"]),
                 "labels": batch[data.label_column]}
 
     data.evaluation.set_transform(eval_batch)
-    unreadable = decoding.UnreadableImages(len(data.train), data_args.skip_corrupt_images, data_args.max_image_pixels)
-    data.train = SeededAugmentedDataset(data.train, data.image_column, data.label_column, train_transform, seed,
-                                        unreadable)
 
 
 def attach_stream_transforms(data: LabelledData, processor, train_transform, data_args, training_args) -> None:
@@ -359,11 +360,8 @@ def attach_stream_transforms(data: LabelledData, processor, train_transform, dat
         data.evaluation = labelled_streams.StreamedEvaluationDataset(
             data.evaluation, data.image_column, data.label_column, processor, data_args.skip_corrupt_images,
             data_args.max_image_pixels)
-        return
-    data.evaluation.set_transform(lambda batch: {
-        "pixel_values": list(processor([decoding.decode_image(cell, data_args.max_image_pixels)
-                                        for cell in batch[data.image_column]], return_tensors="pt")["pixel_values"]),
-        "labels": batch[data.label_column]})
+    else:
+        attach_processor_view(data, processor, data_args.max_image_pixels)
 
 
 def collate(examples):

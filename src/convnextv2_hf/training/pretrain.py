@@ -37,7 +37,7 @@ from ..outputs.output_dir import check_output_dir, checkpoint_bytes, claim_outpu
 from .recipes import PRETRAIN_RECIPES, apply_recipe, card_lines, note_model
 from ..outputs.cards import CardInfo, inherited, save_model_card
 from .plots import save_curves, save_reconstruction_grid
-from .data.shards import expand_shard_patterns, shard_row_counts, sharded_source
+from .data.shards import expand_shard_patterns, open_shards, shard_row_counts, sharded_source
 from .data.shared_memory import batch_bytes, check_shared_memory
 
 logger = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def check_free_space(args: PretrainingArguments, model, accelerator) -> None:
 
 def load_data(data_args: DataArguments, args: PretrainingArguments, accelerator) -> PretrainingData:
     """The train (and optional validation) split, with unreadable images dropped or reported before training."""
-    raw, ignored = sources.load_image_dataset(data_args, streaming=args.streaming, token=args.hub_token)
+    raw, ignored, sizes = open_training_images(data_args, args)
     if "train" not in raw:
         raise ValueError(f"The dataset has no train split (splits: {list(raw)}).")
     image_column = sources.find_column(raw["train"], data_args.image_column_name,
@@ -226,16 +226,19 @@ def load_data(data_args: DataArguments, args: PretrainingArguments, accelerator)
                                                                               data_args)
     for name, split in splits.items():
         sources.check_not_empty(split, name)
-    sizes = recorded_shard_sizes(data_args) if data_args.max_train_samples is None else None  # `take` cuts shards
+    if data_args.max_train_samples is not None:  # `take` cuts the shards short of their recorded sizes
+        sizes = None
     return PretrainingData(splits["train"], splits.get("validation"), image_column, skipped, ignored, sizes)
 
 
-def recorded_shard_sizes(data_args: DataArguments) -> list[int | None] | None:
-    """The images per shard that write-shards recorded (none are counted here: only a resume uses them)."""
-    if (source := sharded_source(data_args)) is None:
-        return None
+def open_training_images(data_args: DataArguments, args: PretrainingArguments):
+    """(splits, non-image files ignored, images per shard or None): shards are checked once and their recorded sizes
+    read with them (none are counted here: only a resume uses them); anything else is `sources`' to open."""
+    source = None if data_args.dataset_name is not None else sharded_source(data_args)
+    if source is None:
+        return (*sources.load_image_dataset(data_args, streaming=args.streaming, token=args.hub_token), None)
     builder, files = expand_shard_patterns(*source)
-    return shard_row_counts(files, builder, count_missing=False)
+    return open_shards(builder, files, source[1]), 0, shard_row_counts(files, builder, count_missing=False)
 
 
 def prepare_run(accelerator, model, processor, data: PretrainingData, model_args, data_args, args) -> FCMAERun:

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import IterableDataset as TorchIterableDataset
 
 from .decoding import MAX_IMAGE_PIXELS, UnreadableImageError, decode_for_processor, open_image_header
-from .shards import expand_shard_patterns, shard_class_names, shard_row_counts, sharded_source
+from .shards import expand_shard_patterns, open_shards, shard_class_names, shard_row_counts, sharded_source
 from .streams import ResumableStream
 from . import sources
 
@@ -47,11 +47,8 @@ def open_streamed_splits(data_args, token: str | None) -> dict[str, StreamedSpli
 
 
 def shard_split(patterns: list[str], flag: str) -> StreamedSplit:
-    from datasets import load_dataset
-
     builder, files = expand_shard_patterns(patterns, flag)
-    stream = load_dataset(builder, data_files={"train": files}, streaming=True)["train"]
-    logger.info("%s: %d %s shard(s), streamed", flag, len(files), builder)
+    stream = open_shards(builder, files, flag)["train"]
     sizes = shard_row_counts(files, builder)
     return StreamedSplit(stream, sum(sizes), shard_class_names(files), flag, sizes)
 

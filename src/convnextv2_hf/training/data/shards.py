@@ -130,14 +130,18 @@ def sharded_source(data_args) -> tuple[list[str], str] | None:
     return source
 
 
-def load_shards(patterns: list[str], flag: str, split: str = "train"):
-    """The shards as a streaming `IterableDatasetDict` with one split; each shard is a unit that
-    `split_dataset_by_node` and the data-loader workers share out."""
+def load_shards(patterns: list[str], flag: str):
+    """The shards as a streaming `IterableDatasetDict` with a train split; each shard is a unit that the processes
+    and data-loader workers share out ([`ResumableStream`])."""
+    return open_shards(*expand_shard_patterns(patterns, flag), flag)
+
+
+def open_shards(builder: str, files: list[str], flag: str):
+    """Checked shard files ([`expand_shard_patterns`]) as a streaming `IterableDatasetDict` with a train split."""
     from datasets import load_dataset
 
-    builder, files = expand_shard_patterns(patterns, flag)
     logger.info("%s: %d %s shard(s), streamed", flag, len(files), builder)
-    return load_dataset(builder, data_files={split: files}, streaming=True)
+    return load_dataset(builder, data_files={"train": files}, streaming=True)
 
 
 def shard_row_counts(files: list[str], builder: str, count_missing: bool = True) -> list[int | None]:
