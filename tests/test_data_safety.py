@@ -180,15 +180,19 @@ def test_a_named_pipe_with_an_image_name_is_skipped_not_opened(tmp_path):
     assert "ignoring 2 non-image file(s)" in result.stderr
 
 
-def with_small_shared_memory(command: list[str]) -> list[str]:
-    """`command` in its own mount namespace whose /dev/shm is a 1 MB tmpfs, as in many containers."""
+def with_small_shared_memory(command: list[str], size: str = "1m", fill_once: Path | None = None) -> list[str]:
+    """`command` in its own mount namespace whose /dev/shm is a tmpfs of `size` (1 MB, as in many containers); with
+    `fill_once`, /dev/shm is filled up as soon as that path exists (within 60 s), as another program might."""
     import shutil
     import subprocess
 
     if not shutil.which("unshare") or subprocess.run(
             ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"], capture_output=True).returncode:
         pytest.skip("a private /dev/shm needs unshare and mount rights (root), which this machine does not give")
-    return ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=1m tmpfs /dev/shm && exec "$@"', "sh", *command]
+    fill = (f'(for i in $(seq 1200); do [ -e "{fill_once}" ] && exec cat /dev/zero > /dev/shm/filler; sleep 0.05; '
+            'done) >/dev/null 2>&1 & ') if fill_once else ""
+    return ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size={size} tmpfs /dev/shm && {fill}exec "$@"', "sh",
+            *command]
 
 
 def test_a_small_dev_shm_is_refused_in_one_line_before_the_workers_start(tmp_path):
@@ -205,3 +209,24 @@ def test_a_small_dev_shm_is_refused_in_one_line_before_the_workers_start(tmp_pat
         images, tmp_path / "no-workers", "--max_train_steps", "2", "--dataloader_num_workers", "0")]), tmp_path,
         timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_dev_shm_filling_up_mid_run_ends_the_run_in_one_line(tmp_path):
+    """/dev/shm runs out after the start-up check passed (another program filled it): a worker used to lose its
+    batch in a background thread, and the run hung (a folder) or went on without it (shards). Now the run ends
+    within seconds, with one line naming /dev/shm and the fixes, for both scripts' loaders."""
+    from convnextv2_hf.training.data.shard_writer import write_shards
+
+    images = make_image_folder(tmp_path / "images", per_class=8, corrupt=False)
+    write_shards(str(images), str(tmp_path / "shards"), "webdataset", images_per_shard=4, num_proc=1)
+    workers = ["--dataloader_num_workers", "2"]
+    runs = ((PRETRAIN, pretrain_args(images, tmp_path / "pre", "--max_train_steps", "40", *workers)),
+            (FINETUNE, finetune_args(tmp_path / "shards", tmp_path / "fine", "--max_steps", "40", "--validation_dir",
+                                     str(images), *workers)))
+    for script, args in runs:
+        out = Path(args[args.index("--output_dir") + 1])
+        result = run_as_user(with_small_shared_memory([*script, *args], "16m", fill_once=out / "checkpoint-2"),
+                             tmp_path, timeout=120)
+        steps = [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")]
+        assert steps and max(steps) >= 2, result.stderr[-2000:]  # it trained before it failed
+        assert_one_line(result, "ran out of shared memory", "--dataloader_num_workers 0", "--shm-size")

@@ -40,7 +40,7 @@ from ..outputs.cards import CardInfo, accuracy_eval_results, inherited, save_mod
 from .plots import save_curves
 from .data import labelled_streams
 from .data.streams import KeepsStreamPositions
-from .data.shared_memory import batch_bytes, check_shared_memory
+from .data.shared_memory import InSharedMemory, batch_bytes, check_shared_memory
 from .data.folders import check_class_layout, folder_dataset, scan_folder
 from .loops.trainer import (
     EMACallback, EpochCallback, FinetuningTrainer, PassCallback, MixingFinetuningTrainer, finished_run, planned_steps,
@@ -386,14 +386,17 @@ def build_trainer(model, data: LabelledData, recipe: FinetuningArguments, traini
                   compute_metrics=compute_metrics,
                   callbacks=[stream_or_epoch_callback(data, training_args)] + ([ema] if ema else []),
                   layer_decay=recipe.layer_decay, layer_decay_type=recipe.layer_decay_type)
+    collator = None
     if recipe.mixup > 0 or recipe.cutmix > 0:
         collator = MixupCutmixCollator(len(data.labels), recipe.mixup, recipe.cutmix, recipe.mixup_switch_prob,
                                        training_args.label_smoothing_factor, seed=training_args.seed)
         training_args.label_smoothing_factor = 0.0  # folded into the soft labels
-        trainer = MixingFinetuningTrainer(data_collator=KeepsStreamPositions(collator), eval_collator=collate, **common)
+        trainer = MixingFinetuningTrainer(data_collator=InSharedMemory(KeepsStreamPositions(collator)),
+                                          eval_collator=InSharedMemory(collate), **common)
     else:
-        trainer = FinetuningTrainer(data_collator=KeepsStreamPositions(collate), **common)
+        trainer = FinetuningTrainer(data_collator=InSharedMemory(KeepsStreamPositions(collate)), **common)
     trainer.ema = ema
+    trainer.card_label_smoothing = getattr(collator, "label_smoothing", training_args.label_smoothing_factor)
     return trainer
 
 
@@ -432,7 +435,7 @@ def save_outputs(trainer, model, processor, metrics, data: LabelledData, model_a
     output_dir, ema = training_args.output_dir, trainer.ema
 
     history = trainer.state.log_history
-    smoothing = getattr(trainer.data_collator.collator, "label_smoothing", training_args.label_smoothing_factor)
+    smoothing = trainer.card_label_smoothing
 
     def write(folder: Path) -> None:
         save_model_and_processor(model, processor, folder)

@@ -38,7 +38,7 @@ from .recipes import PRETRAIN_RECIPES, apply_recipe, card_lines, note_model
 from ..outputs.cards import CardInfo, inherited, save_model_card
 from .plots import save_curves, save_reconstruction_grid
 from .data.shards import expand_shard_patterns, open_shards, shard_row_counts, sharded_source
-from .data.shared_memory import batch_bytes, check_shared_memory
+from .data.shared_memory import InSharedMemory, batch_bytes, check_shared_memory
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ def train_loader_for(data: PretrainingData, transform, draw_mask, data_args, arg
                   max_pixels=data_args.max_image_pixels, skip_unreadable=data_args.skip_corrupt_images)
     workers = default_num_workers() if args.dataloader_num_workers is None else args.dataloader_num_workers
     check_shared_memory(workers, batch_bytes(args.per_device_train_batch_size, transform.size, 1))  # uint8 crops
-    loading = dict(batch_size=args.per_device_train_batch_size, collate_fn=collate, num_workers=workers,
+    loading = dict(batch_size=args.per_device_train_batch_size, collate_fn=InSharedMemory(collate), num_workers=workers,
                    pin_memory=torch.cuda.is_available())
     if args.streaming:  # workers restart each epoch, so they see the epoch that seeds the stream's order
         dataset = StreamingMaskedImageDataset(data.train, **common, rank=accelerator.process_index,
