@@ -301,3 +301,34 @@ def test_parquet_with_raw_bytes_or_path_image_columns_trains_and_a_non_image_col
     with pytest.raises(ValueError, match="--image_column_name") as raised:
         decode_image(7)
     assert "Remove the file" not in str(raised.value)
+
+
+def hand_made_tar(path: Path, formats: list[str]) -> Path:
+    """A webdataset tar made as users make them: sample i's image member under its own format's extension."""
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as archive:
+        for i, image_format in enumerate(formats):
+            encoded = io.BytesIO()
+            Image.fromarray(np.full((36, 40 + i, 3), 9 * i, np.uint8)).save(encoded, image_format)
+            for name, data in ((f"{i:04d}.{image_format.lower()}", encoded.getvalue()), (f"{i:04d}.cls", b"0")):
+                member = tarfile.TarInfo(name)
+                member.size = len(data)
+                archive.addfile(member, io.BytesIO(data))
+    return path
+
+
+def test_hand_made_webdataset_shards_mixing_image_extensions_are_named_with_the_fix(tmp_path):
+    """datasets reads a webdataset's columns from its first samples. Mixed among those, it used to refuse without
+    naming the shard; after them, the other images came back as None, reported as a column holding no images
+    (with --image_column_name as the fix). Both now name the shard (and sample) and the fix, in one line."""
+    cases = {"first": (["JPEG", "PNG"] * 4, "the first samples of shard"),
+             "late": (["JPEG"] * 6 + ["PNG"] * 2, "has no .jpeg member")}
+    for name, (formats, words) in cases.items():
+        shard = hand_made_tar(tmp_path / name / f"{name}.tar", formats)
+        result = run_as_user([*PRETRAIN, *shard_args(["--train_files", str(shard)], tmp_path / f"o-{name}",
+                                                     "--max_train_steps", "4", "--per_device_train_batch_size", "4",
+                                                     "--dataloader_num_workers", "0")], tmp_path, timeout=120)
+        assert_one_line(result, words, str(shard), "write-shards")

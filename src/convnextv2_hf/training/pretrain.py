@@ -362,7 +362,8 @@ def preview_batch(dataset, image_column: str, processor, unreadable, count: int 
         images = []
         for row in dataset.take(4 * count):
             with contextlib.suppress(decoding.UnreadableImageError):
-                images.append(decoding.decode_image(row[image_column], unreadable.max_pixels))
+                images.append(decoding.decode_image(decoding.stream_image_cell(row, image_column),
+                                                    unreadable.max_pixels))
         images = images[:count]
     return processor(images, return_tensors="pt")["pixel_values"]
 

@@ -44,6 +44,19 @@ def as_image_cell(record: Any) -> dict:
                      "bytes or file paths); name the image column with --image_column_name.")
 
 
+def stream_image_cell(row: dict, image_column: str) -> Any:
+    """`row[image_column]` of a streamed row. A webdataset sample without that member (its image has another
+    extension: `datasets` takes a webdataset's columns from its first samples and drops other members) is an
+    [`UnreadableImageError`] naming the sample, its shard and the fix."""
+    cell = row.get(image_column)
+    if cell is None and "__key__" in row:
+        raise UnreadableImageError(
+            f"Sample {row['__key__']!r} of shard {row.get('__url__')} has no .{image_column} member; datasets reads a "
+            f"webdataset's members from its first samples, so an image under another extension is not seen. Give "
+            "every image member the same extension (convnextv2-hf write-shards names them all .jpg).")
+    return cell
+
+
 def open_image_header(record: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.Image:
     """Open one undecoded image cell (`{'path', 'bytes'}`) lazily, reading only its header; files that are not
     images, or exceed the decompression guard, raise [`UnreadableImageError`] naming their path (kept as the

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import IterableDataset as TorchIterableDataset
 
-from .decoding import MAX_IMAGE_PIXELS, UnreadableImageError, decode_for_processor, open_image_header
+from .decoding import (MAX_IMAGE_PIXELS, UnreadableImageError, decode_for_processor, open_image_header,
+                       stream_image_cell)
 from .shards import expand_shard_patterns, open_shards, shard_class_names, shard_row_counts, sharded_source
 from .streams import ResumableStream
 from . import sources
@@ -96,7 +97,8 @@ class StreamedLabelledDataset(ResumableStream):
 
     def sample(self, row: dict, generator: torch.Generator, index: int, epoch: int) -> dict | None:
         try:
-            pixels = self.transform(open_image_header(row[self.image_column], self.max_pixels), generator)
+            pixels = self.transform(open_image_header(stream_image_cell(row, self.image_column), self.max_pixels),
+                                    generator)
         except UnreadableImageError as error:
             self.unreadable.met(error)
             return None
@@ -116,7 +118,7 @@ class StreamedEvaluationDataset(TorchIterableDataset):
     def __iter__(self):
         for row in self.dataset:
             try:
-                image = decode_for_processor(row[self.image_column], self.max_pixels)
+                image = decode_for_processor(stream_image_cell(row, self.image_column), self.max_pixels)
             except UnreadableImageError as error:
                 if not self.skip:
                     raise

@@ -11,7 +11,8 @@ from torch.utils.data import Dataset as TorchDataset, Sampler
 
 from .transforms import sample_generator
 from .streams import ResumableStream
-from .decoding import MAX_IMAGE_PIXELS, UnreadableImageError, UnreadableImages, decode_image, open_image_header
+from .decoding import (MAX_IMAGE_PIXELS, UnreadableImageError, UnreadableImages, decode_image, open_image_header,
+                       stream_image_cell)
 
 
 class EpochSampler(Sampler):
@@ -73,7 +74,8 @@ class StreamingMaskedImageDataset(MaskedRows, ResumableStream):
 
     def sample(self, row: dict, generator: torch.Generator, index: int, epoch: int) -> dict | None:
         try:
-            return self.masked_sample(open_image_header(row[self.image_column], self.max_pixels), generator)
+            return self.masked_sample(open_image_header(stream_image_cell(row, self.image_column), self.max_pixels),
+                                      generator)
         except UnreadableImageError as error:
             self.unreadable.met(error)
             return None

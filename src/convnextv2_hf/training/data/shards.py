@@ -141,7 +141,27 @@ def open_shards(builder: str, files: list[str], flag: str):
     from datasets import load_dataset
 
     logger.info("%s: %d %s shard(s), streamed", flag, len(files), builder)
-    return load_dataset(builder, data_files={"train": files}, streaming=True)
+    try:
+        return load_dataset(builder, data_files={"train": files}, streaming=True)
+    except ValueError as error:
+        if builder != "webdataset" or "don't share the same prefix" not in str(error):
+            raise
+        kinds = sorted({"+".join(members) for members in first_members(files[0])})
+        raise ValueError(f"{flag}: the first samples of shard {files[0]} hold different members ({', '.join(kinds)}), "
+                         "and datasets reads a webdataset's columns from its first samples; give every sample the same "
+                         "member extensions (convnextv2-hf write-shards names every image .jpg).") from None
+
+
+def first_members(path: str, samples: int = 5) -> list[tuple[str, ...]]:
+    """The member extensions of the first `samples` samples of a webdataset tar (from its headers)."""
+    found: dict[str, list[str]] = {}
+    with tarfile.open(path) as archive:
+        for member in archive:
+            key, _, extension = os.path.basename(member.name).partition(".")
+            if key not in found and len(found) == samples:
+                break
+            found.setdefault(key, []).append(extension)
+    return [tuple(sorted(extensions)) for extensions in found.values()]
 
 
 def shard_row_counts(files: list[str], builder: str, count_missing: bool = True) -> list[int | None]:
