@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import (CLI, FINETUNE, PRETRAIN, TINY_OVERRIDES, assert_one_line, make_image_folder, perturbed,
+from conftest import (CLI, FINETUNE, PRETRAIN, TINY_OVERRIDES, assert_ok, assert_one_line, make_image_folder, perturbed,
                       run_as_user, tiny_config)
 from convnextv2_hf import ConvNextV2ForImageClassification
 from convnextv2_hf.convert_convnextv2 import export_checkpoint
@@ -230,3 +230,43 @@ def test_dev_shm_filling_up_mid_run_ends_the_run_in_one_line(tmp_path):
         steps = [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")]
         assert steps and max(steps) >= 2, result.stderr[-2000:]  # it trained before it failed
         assert_one_line(result, "ran out of shared memory", "--dataloader_num_workers 0", "--shm-size")
+
+
+def with_read_only(folder: Path, command: list[str]) -> list[str]:
+    """`command` in its own mount namespace where `folder` is mounted read-only (as a shared cache often is)."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("unshare") or subprocess.run(
+            ["unshare", "-m", "sh", "-c", f'mount -o bind,ro "{folder}" "{folder}"'], capture_output=True).returncode:
+        pytest.skip("a read-only mount needs unshare and mount rights (root), which this machine does not give")
+    return ["unshare", "-m", "sh", "-c", f'mount -o bind,ro "{folder}" "{folder}" && exec "$@"', "sh", *command]
+
+
+def test_a_read_only_datasets_cache_trains_where_it_can_and_names_the_fix_where_it_cannot(tmp_path):
+    """A read-only datasets cache (a cluster's shared copy) used to end runs in a bare '[Errno 30]'. Fine-tuning
+    from a folder and pre-training from shards train (the image-check record and datasets' lock files are not
+    needed there, and the log says so); a dataset that must be cached is refused in one line naming the fix."""
+    import shutil
+
+    from convnextv2_hf.training.data.shard_writer import write_shards
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    images = make_image_folder(tmp_path / "images", per_class=4, corrupt=False)
+    write_shards(str(images), str(tmp_path / "shards"), "webdataset", images_per_shard=4, num_proc=1)
+    hub = tmp_path / "hub-copy" / "data"  # a local folder in the hub's layout stands in for a hub id
+    hub.mkdir(parents=True)
+    shutil.copy(next((tmp_path / "shards").glob("*.tar")), hub / "train-0.tar")
+    shutil.copy(tmp_path / "shards" / "classes.json", hub)
+    runs = {"folder": [*FINETUNE, *finetune_args(images, tmp_path / "fine", "--max_steps", "2")],
+            "shards": [*PRETRAIN, *pretrain_args(tmp_path / "shards", tmp_path / "pre", "--max_train_steps", "2")],
+            "hub": [*PRETRAIN, *pretrain_args(images, tmp_path / "hub", "--max_train_steps", "2")]}
+    runs["hub"][runs["hub"].index("--train_dir"):runs["hub"].index("--train_dir") + 2] = [
+        "--dataset_name", str(hub.parent)]
+    results = {name: run_as_user(with_read_only(cache, command), tmp_path, timeout=180, HF_DATASETS_CACHE=str(cache))
+               for name, command in runs.items()}
+    assert "not writable" in assert_ok(results["shards"])
+    assert "Could not record a passed image check" in assert_ok(results["folder"])
+    assert_one_line(results["hub"], f"datasets cache {cache} is not writable", "--cache_dir", "HF_DATASETS_CACHE")
+    assert not any(cache.iterdir())

@@ -236,6 +236,8 @@ def checked_once(dataset: Dataset, image_column: str, check: str):
 
     from datasets import config
 
+    from .cache import record_in_cache
+
     digest = hashlib.sha256(check.encode())
     for batch in dataset.iter(batch_size=4096):
         for record in batch[image_column]:
@@ -250,8 +252,7 @@ def checked_once(dataset: Dataset, image_column: str, check: str):
             digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}\n".encode())
     marker = Path(config.HF_DATASETS_CACHE, "convnextv2_hf", "checked", digest.hexdigest())
     yield not marker.exists()
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
+    record_in_cache(str(marker))
 
 
 def check_in_threads(dataset: Dataset, image_column: str, check, description: str) -> None:

@@ -15,6 +15,8 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .cache import stream_cache_dir
+
 logger = logging.getLogger(__name__)
 
 SHARD_FORMATS = {".tar": "webdataset", ".parquet": "parquet"}
@@ -142,7 +144,7 @@ def open_shards(builder: str, files: list[str], flag: str):
 
     logger.info("%s: %d %s shard(s), streamed", flag, len(files), builder)
     try:
-        return load_dataset(builder, data_files={"train": files}, streaming=True)
+        return load_dataset(builder, data_files={"train": files}, streaming=True, cache_dir=stream_cache_dir())
     except ValueError as error:
         if builder != "webdataset" or "don't share the same prefix" not in str(error):
             raise

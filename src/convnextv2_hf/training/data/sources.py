@@ -10,6 +10,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, Image, IterableDataset, IterableDatasetDict, load_dataset
 from huggingface_hub import is_offline_mode
 
+from .cache import refuse_read_only, stream_cache_dir
 from .folders import STREAMED_FOLDER_SHARDS, check_class_folders, check_class_layout, folder_dataset, scan_folder
 from .per_machine import once_per_machine
 from .shards import load_shards, sharded_source
@@ -70,10 +71,12 @@ def dataset_label(args) -> str:
 
 
 def load_hub_dataset(args, streaming: bool, token: str | None) -> DatasetDict | IterableDatasetDict:
+    cache_dir = getattr(args, "cache_dir", None)
     try:
         return load_dataset(args.dataset_name, args.dataset_config_name, streaming=streaming,
-                            cache_dir=getattr(args, "cache_dir", None), token=token)
+                            cache_dir=stream_cache_dir(cache_dir) if streaming else cache_dir, token=token)
     except Exception as error:
+        refuse_read_only(error, cache_dir)
         hint = (" HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set and the dataset is not in the local cache."
                 if is_offline_mode() or os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
                 else " Check the name and your network connection.")
