@@ -332,3 +332,39 @@ def test_hand_made_webdataset_shards_mixing_image_extensions_are_named_with_the_
                                                      "--max_train_steps", "4", "--per_device_train_batch_size", "4",
                                                      "--dataloader_num_workers", "0")], tmp_path, timeout=120)
         assert_one_line(result, words, str(shard), "write-shards")
+
+
+def test_an_error_in_one_process_of_a_launch_is_said_once_and_named_by_the_launcher(tmp_path):
+    """Process 1's shard holds only undecodable images (read first: it is its only shard). It says so in one line; process 0, cut off from it mid-step,
+    does not add gloo's 'Connection closed by peer' as a second error; and the launcher's summary (with accelerate's
+    --quiet, without its traceback) names that same error as the root cause. Two processes on a one-image shard are
+    refused before training, in one line, once."""
+    import io
+    import tarfile
+
+    from conftest import LAUNCH, free_port
+
+    numbered = numbered_folder(tmp_path / "numbered", 8)
+    write_shards(str(numbered), str(tmp_path / "bad"), "webdataset", images_per_shard=4, num_proc=1)
+    second = sorted((tmp_path / "bad").glob("*.tar"))[1]
+    with tarfile.open(second) as archive:
+        members = [(member, archive.extractfile(member).read()) for member in archive]
+    with tarfile.open(second, "w") as archive:
+        for member, data in members:
+            data = b"not an image" if member.name.endswith(".jpg") else data
+            member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
+    one = tmp_path / "one-image" / "a"
+    one.mkdir(parents=True)
+    (one / "00.jpg").write_bytes((numbered / "even" / "00.jpg").read_bytes())
+    write_shards(str(one.parent), str(tmp_path / "one"), "webdataset", images_per_shard=4, num_proc=1)
+    for name, words in (("bad", "cannot identify image file"), ("one", "1 image(s) for 2 processes")):
+        result = run_as_user([*LAUNCH, "--quiet", "--num_processes", "2", "--num_machines", "1", "--main_process_port",
+                              free_port(), *PRETRAIN[1:], *shard_args(
+                                  ["--train_files", str(tmp_path / name / "*.tar")], tmp_path / f"o-{name}",
+                                  "--max_train_steps", "4", "--dataloader_num_workers", "0")], tmp_path, timeout=180)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode != 0 and len(errors) == 1 and words in errors[0], result.stderr[-3000:]
+        assert "Traceback" not in result.stderr and "Connection closed" not in result.stderr, result.stderr[-3000:]
+        root_cause = result.stderr.split("Root Cause")[-1]
+        assert words in root_cause, result.stderr[-3000:]

@@ -46,8 +46,11 @@ def run_entry_point(main: Callable[[list[str]], object], argv: list[str] | None 
     except EXPECTED_ERRORS as error:
         if debug:
             raise
+        from .launch_errors import say_error
+
         hint = "--debug or " if debug_flag else ""
-        print(f"error: {one_line(error)} ({hint}{DEBUG_ENV}=1 shows the traceback)", file=sys.stderr)
+        message = one_line(error)
+        say_error(f"error: {message} ({hint}{DEBUG_ENV}=1 shows the traceback)", message)
         return 2
     return 0
 

@@ -10,6 +10,7 @@ import torch
 
 from ..configuration_convnextv2 import ConvNextV2Config
 from ..image_processing_convnextv2 import ConvNextV2ImageProcessor
+from ..masking import num_visible_cells
 from ..modeling_convnextv2 import ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
 from .arguments import merge_flag_into_overrides, parse_config_overrides
 from ..weights import load_checked
@@ -61,6 +62,11 @@ def build_fcmae(model_args, args) -> tuple[ConvNextV2ForMaskedImageModeling, Con
     cell = config.mask_cell_size
     if model_args.image_size % cell:
         raise ValueError(f"--image_size {model_args.image_size} must be a multiple of the mask cell ({cell} px).")
+    cells = (model_args.image_size // cell) ** 2
+    if num_visible_cells(cells, config.mask_ratio) == 0:  # the ratio is above 0: some cell is always masked
+        raise ValueError(f"--image_size {model_args.image_size} gives {cells} mask cell(s) of {cell} px, and mask ratio "
+                         f"{config.mask_ratio} leaves none visible; pass a larger --image_size (a multiple of {cell}) "
+                         "or a lower --mask_ratio.")
     if getattr(args, "gradient_checkpointing", False):  # the older name warns from transformers 5.2x on
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     processor = training_processor(model_args.image_processor_name or source, model_args.image_size, cell,

@@ -7,6 +7,7 @@ import io
 import logging
 import math
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ def stream_image_cell(row: dict, image_column: str) -> Any:
     extension: `datasets` takes a webdataset's columns from its first samples and drops other members) is an
     [`UnreadableImageError`] naming the sample, its shard and the fix."""
     cell = row.get(image_column)
+    if isinstance(cell, dict) and "__url__" in row:  # errors then name the shard too, not the member alone
+        return {**cell, "path": f"{cell.get('path')} in shard {row['__url__']}"}
     if cell is None and "__key__" in row:
         raise UnreadableImageError(
             f"Sample {row['__key__']!r} of shard {row.get('__url__')} has no .{image_column} member; datasets reads a "
@@ -127,8 +130,9 @@ def decode_for_processor(record: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL
 
 
 def unreadable(path: str | None, error: Exception) -> UnreadableImageError:
+    reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))  # PIL names the buffer it was given
     return UnreadableImageError(
-        f"Cannot read image {path or '<in-memory bytes>'}: {error}. Remove the file or pass --skip_corrupt_images.")
+        f"Cannot read image {path or '<in-memory bytes>'}: {reason}. Remove it or pass --skip_corrupt_images.")
 
 
 STREAM_SLOTS = 1024  # data-loader workers of one process whose stream skips are counted apart

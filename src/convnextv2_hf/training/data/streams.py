@@ -82,6 +82,9 @@ class ResumableStream(TorchIterableDataset):
     def __init__(self, dataset, seed: int, rank: int = 0, world: int = 1, shard_sizes: list | None = None):
         self.dataset, self.seed, self.rank, self.world, self.epoch = dataset, seed, rank, world, 0
         self.shard_sizes = shard_sizes  # images per shard (None: unknown), to skip finished shards unread
+        if shard_sizes and None not in shard_sizes and sum(shard_sizes) < world:
+            raise ValueError(f"The shards hold {sum(shard_sizes)} image(s) for {world} processes, which need at least "
+                             "one each; launch fewer processes, or give more images.")
         self.resume_after: dict[int, tuple[int, int]] = {}  # part -> (epoch, last place used before the checkpoint)
         self.first_part = 0  # the part the loader's worker 0 plays (the part whose batch came next)
         self.used: dict[int, tuple[int, int]] = {}  # training side: part -> (epoch, last place used)
