@@ -335,10 +335,10 @@ def test_hand_made_webdataset_shards_mixing_image_extensions_are_named_with_the_
 
 
 def test_an_error_in_one_process_of_a_launch_is_said_once_and_named_by_the_launcher(tmp_path):
-    """Process 1's shard holds only undecodable images (read first: it is its only shard). It says so in one line; process 0, cut off from it mid-step,
-    does not add gloo's 'Connection closed by peer' as a second error; and the launcher's summary (with accelerate's
-    --quiet, without its traceback) names that same error as the root cause. Two processes on a one-image shard are
-    refused before training, in one line, once."""
+    """Process 1's shard holds only undecodable images (read first: it is its only shard). It says so in one line;
+    process 0, cut off from it mid-step, does not add gloo's 'Connection closed by peer' as a second error; and the
+    launcher's summary (with accelerate's --quiet, without its traceback) names that same error as the root cause.
+    Two processes on a one-image shard are refused before training, in one line, once."""
     import io
     import tarfile
 

@@ -34,7 +34,7 @@ from .modeling_convnextv2 import (
     ConvNextV2PreTrainedModel,
 )
 
-__version__ = "0.4.0"
+__version__ = "0.4.1"
 
 AutoConfig.register(ConvNextV2Config.model_type, ConvNextV2Config, exist_ok=True)
 AutoModel.register(ConvNextV2Config, ConvNextV2Model, exist_ok=True)
