@@ -187,11 +187,38 @@ def test_streamed_fine_tuning_refusals_are_one_line(shards, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_fine_tune_from_their_own_parts_and_record_both(shards, tmp_path):
-    out = tmp_path / "two"
-    launch_two_processes(FINETUNE[1], stream_args(
-        ["--train_files", files(shards, "parquet"), "--validation_files", files(shards, "parquet")], out,
-        "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "3"))
-    saved = json.loads((out / "checkpoint-3" / "stream_positions.json").read_text())
+    """Each process trains on its own parts and evaluates its own part of the validation shards (the sums are
+    reduced): evaluated before training, the two processes' loss and accuracy over all 24 images are one process's.
+    (That one reads without workers: its batches are then all full. The Trainer's own loop counts a partial batch's
+    loss as a full one, which moved its mean by 3e-5 here.)"""
+    def args(out):
+        return stream_args(["--train_files", files(shards, "parquet"), "--validation_files", files(shards, "parquet")],
+                           out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "3",
+                           "--eval_on_start", "true")
+
+    launch_two_processes(FINETUNE[1], args(tmp_path / "two"))
+    saved = json.loads((tmp_path / "two" / "checkpoint-3" / "stream_positions.json").read_text())
     # 6 shards, 2 processes x 2 workers: each worker its own shards; 3 steps of 4 images per process
     assert len(saved) == 2 and all(len(part) == 5 and part[0] == 1 for part in saved)
-    assert "eval_top1_accuracy" in json.loads((out / "all_results.json").read_text())
+    assert "eval_top1_accuracy" in json.loads((tmp_path / "two" / "all_results.json").read_text())
+    finetune([*args(tmp_path / "one"), "--dataloader_num_workers", "0"])
+    first = [next(h for h in json.loads((tmp_path / run / "log_history.json").read_text()) if "eval_loss" in h)
+             for run in ("one", "two")]
+    assert first[0]["eval_loss"] == pytest.approx(first[1]["eval_loss"], rel=1e-6)
+    assert first[0]["eval_top1_accuracy"] == pytest.approx(first[1]["eval_top1_accuracy"], abs=1e-9)
+
+
+def test_each_process_evaluates_its_own_part_of_a_stream(shards):
+    """The parts of the validation stream (whole shards, or every other row of a stream cut to 7 images) hold every
+    image once between them."""
+    from transformers import ConvNextImageProcessor
+
+    from convnextv2_hf.training.data.labelled_streams import StreamedEvaluationDataset
+
+    stream = load_shards([files(shards, "parquet")], "--validation_files")["train"]
+    processor = ConvNextImageProcessor(size={"shortest_edge": 32})
+    for rows, expected in ((stream, 24), (stream.take(7), 7)):
+        parts = [[round(float(sample["pixel_values"].mean()), 4) for sample in DataLoader(
+            StreamedEvaluationDataset(rows, "image", "label", processor, False, rank=rank, world=2),
+            batch_size=None, num_workers=2)] for rank in range(2)]
+        assert len(parts[0]) + len(parts[1]) == expected and len(set(parts[0] + parts[1])) == expected

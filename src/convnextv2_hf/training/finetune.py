@@ -359,7 +359,7 @@ def attach_stream_transforms(data: LabelledData, processor, train_transform, dat
     if isinstance(data.evaluation, IterableDataset):
         data.evaluation = labelled_streams.StreamedEvaluationDataset(
             data.evaluation, data.image_column, data.label_column, processor, data_args.skip_corrupt_images,
-            data_args.max_image_pixels)
+            data_args.max_image_pixels, rank=training_args.process_index, world=training_args.world_size)
     else:
         attach_processor_view(data, processor, data_args.max_image_pixels)
 

@@ -108,15 +108,19 @@ class StreamedLabelledDataset(ResumableStream):
 class StreamedEvaluationDataset(TorchIterableDataset):
     """Evaluation: each row as the processor sees it (what a pipeline does), decoded in the data-loader workers
     (`datasets` gives each its own shards) and never held in memory; unreadable images skipped and counted with
-    `skip`, else named."""
+    `skip`, else named. With `world` processes, process `rank` reads its own part (whole shards where they divide
+    evenly, else every `world`-th row; [`StreamedEvaluation`] reduces the parts' sums)."""
 
     def __init__(self, dataset, image_column: str, label_column: str, processor, skip: bool,
-                 max_pixels: int = MAX_IMAGE_PIXELS):
+                 max_pixels: int = MAX_IMAGE_PIXELS, rank: int = 0, world: int = 1):
         self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
-        self.processor, self.skip, self.max_pixels = processor, skip, max_pixels
+        self.processor, self.skip, self.max_pixels, self.rank, self.world = processor, skip, max_pixels, rank, world
 
     def __iter__(self):
-        for row in self.dataset:
+        from datasets.distributed import split_dataset_by_node
+
+        rows = split_dataset_by_node(self.dataset, self.rank, self.world) if self.world > 1 else self.dataset
+        for row in rows:
             try:
                 image = decode_for_processor(stream_image_cell(row, self.image_column), self.max_pixels)
             except UnreadableImageError as error:

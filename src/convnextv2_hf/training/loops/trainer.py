@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
@@ -18,6 +20,7 @@ from transformers import Trainer, TrainerCallback
 from ...outputs.manifest import remove_ours
 from ...outputs.staging import TRAINER_MARKER, failed_write_kept_out, publish, shared_staging
 from ..checkpoints import check_finite_loss, rotate_checkpoints
+from ..data.labelled_streams import StreamedEvaluationDataset
 from ..data.streams import ResumableStream
 from .ema import ModelEMA
 from .optim import create_optimizer
@@ -166,6 +169,51 @@ class StreamedTrainingData:
         self.train_dataset.resume_at(saved[self.args.process_index], self.args.dataloader_num_workers)
 
 
+class StreamedEvaluation:
+    """Mixin for `Trainer` classes: on several processes, each process evaluates its own part of a streamed
+    evaluation set ([`StreamedEvaluationDataset`] split by process) and only the sums are reduced. Accelerate's
+    loader would decode every image in the main process and send the pixels to the others (between machines, over
+    the network). The loss and metrics are the Trainer's own (`prediction_step`, `compute_metrics`), averaged over
+    images, which is what the accuracy metrics are."""
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if self.args.world_size == 1 or not isinstance(dataset, StreamedEvaluationDataset):
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        from transformers.trainer_utils import speed_metrics
+
+        started = time.time()
+        names, sums = self.evaluated_sums(dataset, ignore_keys)
+        images, *totals = self.accelerator.reduce(sums, "sum").tolist()
+        metrics = {f"{metric_key_prefix}_{name}": total / max(images, 1) for name, total in zip(names, totals)}
+        metrics.update(speed_metrics(metric_key_prefix, started, num_samples=int(images), num_steps=math.ceil(
+            images / (self.args.eval_batch_size * self.args.world_size))))
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def evaluated_sums(self, dataset, ignore_keys) -> tuple[list[str], torch.Tensor]:
+        """(names, [images, loss sum, metric sums...]) over this process's part of `dataset`."""
+        from torch.utils.data import DataLoader
+        from transformers import EvalPrediction
+
+        classes = self.model.config.num_labels
+        names = ["loss", *self.compute_metrics(EvalPrediction(np.zeros((1, classes)), np.zeros(1, dtype=np.int64)))]
+        workers = self.args.dataloader_num_workers
+        loader = DataLoader(dataset, batch_size=self.args.eval_batch_size, num_workers=workers,
+                            collate_fn=getattr(self, "eval_collator", None) or self.data_collator,
+                            pin_memory=self.args.dataloader_pin_memory)
+        sums = [0.0] * (len(names) + 1)
+        self.model.eval()
+        for batch in loader:
+            loss, logits, labels = self.prediction_step(self.model, batch, False, ignore_keys)
+            images = len(labels)
+            scores = self.compute_metrics(EvalPrediction(logits.float().cpu().numpy(), labels.cpu().numpy()))
+            batch_sums = [images, float(loss) * images, *(scores[name] * images for name in names[1:])]
+            sums = [total + value for total, value in zip(sums, batch_sums)]
+        return names, torch.tensor(sums, dtype=torch.float64, device=self.args.device)
+
+
 class RecipeOptimizer:
     """The recipe's AdamW ([`create_optimizer`]: layer-wise lr decay, no weight decay on norms, biases and GRN), built
     where the Trainer builds its optimizer: under FSDP that is after the model is sharded, and an optimizer passed
@@ -207,12 +255,13 @@ class MixingTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-class FinetuningTrainer(RecipeOptimizer, StopsOnNonFiniteLoss, StreamedTrainingData, CrashSafeCheckpoints, Trainer):
+class FinetuningTrainer(RecipeOptimizer, StopsOnNonFiniteLoss, StreamedTrainingData, StreamedEvaluation,
+                        CrashSafeCheckpoints, Trainer):
     pass
 
 
-class MixingFinetuningTrainer(RecipeOptimizer, StopsOnNonFiniteLoss, StreamedTrainingData, CrashSafeCheckpoints,
-                              MixingTrainer):
+class MixingFinetuningTrainer(RecipeOptimizer, StopsOnNonFiniteLoss, StreamedTrainingData, StreamedEvaluation,
+                              CrashSafeCheckpoints, MixingTrainer):
     pass
 
 
