@@ -220,8 +220,8 @@ def test_dev_shm_filling_up_mid_run_ends_the_run_in_one_line(tmp_path):
     images = make_image_folder(tmp_path / "images", per_class=8, corrupt=False)
     write_shards(str(images), str(tmp_path / "shards"), "webdataset", images_per_shard=4, num_proc=1)
     workers = ["--dataloader_num_workers", "2"]
-    runs = ((PRETRAIN, pretrain_args(images, tmp_path / "pre", "--max_train_steps", "40", *workers)),
-            (FINETUNE, finetune_args(tmp_path / "shards", tmp_path / "fine", "--max_steps", "40", "--validation_dir",
+    runs = ((PRETRAIN, pretrain_args(images, tmp_path / "pre", "--max_train_steps", "300", *workers)),
+            (FINETUNE, finetune_args(tmp_path / "shards", tmp_path / "fine", "--max_steps", "300", "--validation_dir",
                                      str(images), *workers)))
     for script, args in runs:
         out = Path(args[args.index("--output_dir") + 1])
