@@ -180,19 +180,23 @@ def test_a_named_pipe_with_an_image_name_is_skipped_not_opened(tmp_path):
     assert "ignoring 2 non-image file(s)" in result.stderr
 
 
-def with_small_shared_memory(command: list[str], size: str = "1m", fill_once: Path | None = None) -> list[str]:
-    """`command` in its own mount namespace whose /dev/shm is a tmpfs of `size` (1 MB, as in many containers); with
-    `fill_once`, /dev/shm is filled up as soon as that path exists (within 60 s), as another program might."""
+def in_mount_namespace(mount: str, command: list[str], before: str = "") -> list[str]:
+    """`command` in its own mount namespace after the shell command `mount` (then `before`, in the background);
+    skipped where this machine gives no unshare or mount rights (root)."""
     import shutil
     import subprocess
 
-    if not shutil.which("unshare") or subprocess.run(
-            ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"], capture_output=True).returncode:
-        pytest.skip("a private /dev/shm needs unshare and mount rights (root), which this machine does not give")
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "sh", "-c", mount], capture_output=True).returncode:
+        pytest.skip("a private mount needs unshare and mount rights (root), which this machine does not give")
+    return ["unshare", "-m", "sh", "-c", f'{mount} && {before}exec "$@"', "sh", *command]
+
+
+def with_small_shared_memory(command: list[str], size: str = "1m", fill_once: Path | None = None) -> list[str]:
+    """`command` in its own mount namespace whose /dev/shm is a tmpfs of `size` (1 MB, as in many containers); with
+    `fill_once`, /dev/shm is filled up as soon as that path exists (within 60 s), as another program might."""
     fill = (f'(for i in $(seq 1200); do [ -e "{fill_once}" ] && exec cat /dev/zero > /dev/shm/filler; sleep 0.05; '
             'done) >/dev/null 2>&1 & ') if fill_once else ""
-    return ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size={size} tmpfs /dev/shm && {fill}exec "$@"', "sh",
-            *command]
+    return in_mount_namespace(f"mount -t tmpfs -o size={size} tmpfs /dev/shm", command, fill)
 
 
 def test_a_small_dev_shm_is_refused_in_one_line_before_the_workers_start(tmp_path):
@@ -234,13 +238,7 @@ def test_dev_shm_filling_up_mid_run_ends_the_run_in_one_line(tmp_path):
 
 def with_read_only(folder: Path, command: list[str]) -> list[str]:
     """`command` in its own mount namespace where `folder` is mounted read-only (as a shared cache often is)."""
-    import shutil
-    import subprocess
-
-    if not shutil.which("unshare") or subprocess.run(
-            ["unshare", "-m", "sh", "-c", f'mount -o bind,ro "{folder}" "{folder}"'], capture_output=True).returncode:
-        pytest.skip("a read-only mount needs unshare and mount rights (root), which this machine does not give")
-    return ["unshare", "-m", "sh", "-c", f'mount -o bind,ro "{folder}" "{folder}" && exec "$@"', "sh", *command]
+    return in_mount_namespace(f'mount -o bind,ro "{folder}" "{folder}"', command)
 
 
 def test_a_read_only_datasets_cache_trains_where_it_can_and_names_the_fix_where_it_cannot(tmp_path):

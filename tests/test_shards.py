@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (CLI, PRETRAIN, TINY_OVERRIDES as TINY, assert_one_line, launch_two_processes, make_image_folder,
-                      run_as_user)
+from conftest import (CLI, LAUNCH, PRETRAIN, TINY_OVERRIDES as TINY, assert_one_line, free_port, launch_two_processes,
+                      make_image_folder, run_as_user)
 from convnextv2_hf.training.pretrain import main as pretrain
 from convnextv2_hf.training.data.shards import load_shards
 from convnextv2_hf.training.data.shard_writer import write_shards
@@ -341,8 +341,6 @@ def test_an_error_in_one_process_of_a_launch_is_said_once_and_named_by_the_launc
     Two processes on a one-image shard are refused before training, in one line, once."""
     import io
     import tarfile
-
-    from conftest import LAUNCH, free_port
 
     numbered = numbered_folder(tmp_path / "numbered", 8)
     write_shards(str(numbered), str(tmp_path / "bad"), "webdataset", images_per_shard=4, num_proc=1)
