@@ -105,3 +105,51 @@ def test_config_accepts_exactly_the_registered_backends():
     from convnextv2_hf.configuration_convnextv2 import SPARSE_BACKEND_NAMES
 
     assert sorted(SPARSE_BACKEND_NAMES) == sorted(SPARSE_BACKENDS)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_visible_depthwise_convolution_has_autograd_gradients_without_running_again(autocast):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from convnextv2_hf.sparse_ops import SiteIndex, visible_depthwise_conv
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 6, kernel_size=7, padding=3, groups=6)
+    visible = random_masking(3, (2, 3), 0.6, generator=torch.Generator().manual_seed(3)).view(3, 2, 3).logical_not()
+    sites = SiteIndex(visible, (8, 12), per_image=2)
+    rows = torch.randn(sites.flat.numel(), 6, requires_grad=True)
+    grad_out = torch.randn(sites.flat.numel(), 6)
+
+    def gradients(function):
+        rows.grad = conv.weight.grad = conv.bias.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = function()
+        ops = Ops()
+        with ops:
+            out.backward(grad_out.to(out.dtype))
+        return out, [rows.grad, conv.weight.grad, conv.bias.grad], ops.names
+
+    def through_autograd():  # the same maths, differentiated by autograd through scatter, convolution and gather
+        return sites.gather(conv(sites.scatter(rows).permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+    out, grads, ops = gradients(lambda: visible_depthwise_conv(conv, rows, sites))
+    ref, ref_grads, _ = gradients(through_autograd)
+    assert out.dtype == ref.dtype == (torch.bfloat16 if autocast else torch.float32)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for grad, ref_grad in zip(grads[:2], ref_grads[:2]):
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+    # the bias gradient is summed in fp32 (autograd's bf16 convolution rounds it to bf16)
+    torch.testing.assert_close(grads[2], grad_out.to(out.dtype).float().sum(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[2], ref_grads[2], **({"rtol": 4e-3, "atol": 1e-2} if autocast else {}))
+    assert "convolution" not in ops and "convolution_backward" in ops  # no second forward, as checkpointing has
+    assert not {"index_add", "index_put", "scatter_add"} & set(ops)  # unique sites: copies, no atomics

@@ -15,7 +15,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .masking import upsample_mask
 from .sparse_ops import (
@@ -25,6 +24,7 @@ from .sparse_ops import (
     dense_dwconv_to_sparse,
     scatter_to_grid,
     sparse_grn,
+    visible_depthwise_conv,
 )
 
 
@@ -177,10 +177,9 @@ class GatherScatterBackend(SparseEncoderBackend):
         return F.linear(patches, kernel, conv.bias), coarse
 
     def block(self, layer, features, sites, grn_scope):
-        if torch.is_grad_enabled() and features.requires_grad and not checkpointing(layer):
-            # Recompute the scatter and convolution in backward instead of keeping a dense grid per block:
-            # only the packed rows stay in memory (about (1 - mask ratio) of the grid).
-            conv_rows = checkpoint(depthwise_conv_rows, layer.dwconv, features, sites, use_reentrant=False)
+        if torch.is_grad_enabled():
+            # only the packed rows stay in memory for backward (about (1 - mask ratio) of the grid), not a grid
+            conv_rows = visible_depthwise_conv(layer.dwconv, features, sites)
         else:
             conv_rows = depthwise_conv_rows(layer.dwconv, features, sites)
         return block_rows(layer, features, conv_rows, sites.sample, sites.batch_size, grn_scope, sites.rows_per_image)

@@ -6,6 +6,7 @@ Model side: shipped inside FCMAE checkpoints, so it imports only torch and its n
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .masking import upsample_mask
@@ -141,6 +142,49 @@ class SiteIndex:
         sample, y, x = self.coordinates()
         base = sample * (fine_h * fine_w) + (2 * y) * fine_w + 2 * x
         return row_of[base[:, None] + window_offsets(fine_w, device)]
+
+
+class VisibleDepthwiseConv(torch.autograd.Function):
+    """A depthwise convolution evaluated at the visible sites only: packed rows (V, C) in, packed rows out.
+
+    Forward scatters the rows to a zero grid, convolves and gathers the visible sites. Backward rebuilds the input
+    grid from the saved rows (one scatter) and places the output gradient on the grid (zero at masked sites): no
+    dense grid is kept between the passes and, unlike activation checkpointing, the convolution does not run again.
+    Sites are unique, so both scatters are `index_copy` (no atomics: deterministic). Under autocast the convolution
+    runs in the autocast dtype in both passes, as `F.conv2d` would.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, flat, batch_size: int, size: tuple[int, int], padding: tuple[int, int]):
+        grid = scatter_to_grid(rows, flat, batch_size, size).permute(0, 3, 1, 2)
+        out = F.conv2d(grid, weight, bias, padding=padding, groups=weight.shape[0])  # autocast casts here
+        ctx.save_for_backward(rows, weight, flat)
+        ctx.grid, ctx.padding, ctx.dtype = (batch_size, size), padding, out.dtype
+        return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1]).index_select(0, flat)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        rows, weight, flat = ctx.saved_tensors
+        grad_rows = grad_rows.to(ctx.dtype)
+        grad_grid = scatter_to_grid(grad_rows, flat, *ctx.grid).permute(0, 3, 1, 2)
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = torch.nn.grad.conv2d_input((ctx.grid[0], rows.shape[1], *ctx.grid[1]), weight.to(ctx.dtype),
+                                                    grad_grid, padding=ctx.padding, groups=weight.shape[0])
+            grad_input = grad_input.permute(0, 2, 3, 1).reshape(-1, rows.shape[1]).index_select(0, flat)
+        if ctx.needs_input_grad[1]:
+            grid = scatter_to_grid(rows.to(ctx.dtype), flat, *ctx.grid).permute(0, 3, 1, 2)
+            grad_weight = torch.nn.grad.conv2d_weight(grid, weight.shape, grad_grid, padding=ctx.padding,
+                                                      groups=weight.shape[0]).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_rows.sum(0, dtype=torch.float32).to(weight.dtype)  # masked sites add nothing
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+def visible_depthwise_conv(conv: nn.Conv2d, rows: torch.Tensor, sites: "SiteIndex") -> torch.Tensor:
+    """`conv` (depthwise, stride 1, zero padding) at the visible sites of `sites`, on packed rows."""
+    return VisibleDepthwiseConv.apply(rows, conv.weight, conv.bias, sites.flat, sites.batch_size, sites.size,
+                                      conv.padding)
 
 
 def window_offsets(width: int, device) -> torch.Tensor:
