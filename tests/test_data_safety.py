@@ -193,9 +193,10 @@ def in_mount_namespace(mount: str, command: list[str], before: str = "") -> list
 
 def with_small_shared_memory(command: list[str], size: str = "1m", fill_once: Path | None = None) -> list[str]:
     """`command` in its own mount namespace whose /dev/shm is a tmpfs of `size` (1 MB, as in many containers); with
-    `fill_once`, /dev/shm is filled up as soon as that path exists (within 60 s), as another program might."""
-    fill = (f'(for i in $(seq 1200); do [ -e "{fill_once}" ] && exec cat /dev/zero > /dev/shm/filler; sleep 0.05; '
-            'done) >/dev/null 2>&1 & ') if fill_once else ""
+    `fill_once`, /dev/shm is kept full from the moment that path exists (within 60 s), as another program might."""
+    # filled again every 10 ms for about 20 s: room that the run's own batches free up is taken too
+    fill = (f'(for i in $(seq 1200); do [ -e "{fill_once}" ] && break; sleep 0.05; done; for j in $(seq 2000); do '
+            'cat /dev/zero >> /dev/shm/filler; sleep 0.01; done) >/dev/null 2>&1 & ') if fill_once else ""
     return in_mount_namespace(f"mount -t tmpfs -o size={size} tmpfs /dev/shm", command, fill)
 
 

@@ -49,7 +49,9 @@ def run_entry_point(main: Callable[[list[str]], object], argv: list[str] | None 
         from .launch_errors import say_error
 
         hint = "--debug or " if debug_flag else ""
-        message = one_line(error)
+        from .training.data.shared_memory import explain_shared_memory_error
+
+        message = explain_shared_memory_error(one_line(error))
         say_error(f"error: {message} ({hint}{DEBUG_ENV}=1 shows the traceback)", message)
         return 2
     return 0

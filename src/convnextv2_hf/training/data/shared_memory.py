@@ -55,7 +55,18 @@ class InSharedMemory:
             except RuntimeError as error:
                 if "shared memory" not in str(error):
                     raise
-                free = shutil.disk_usage(SHARED_MEMORY).free if os.path.isdir(SHARED_MEMORY) else 0
-                raise RuntimeError(f"a data-loader worker ran out of shared memory for its batch ({SHARED_MEMORY} "
-                                   f"has {free / 2**20:,.1f} MiB free); {FIXES}") from None
+                raise RuntimeError(out_of_shared_memory()) from None
         return batch
+
+
+def out_of_shared_memory() -> str:
+    """The one line for a batch that found no room in shared memory, with the room left and the fixes."""
+    free = shutil.disk_usage(SHARED_MEMORY).free if os.path.isdir(SHARED_MEMORY) else 0
+    return (f"a data-loader worker ran out of shared memory for its batch ({SHARED_MEMORY} has {free / 2**20:,.1f} "
+            f"MiB free); {FIXES}")
+
+
+def explain_shared_memory_error(message: str) -> str:
+    """torch's own words when a worker's tensors find no room elsewhere than in `InSharedMemory` (while collating,
+    or in the queue), replaced by the line that names the fixes; any other message unchanged."""
+    return out_of_shared_memory() if "unable to allocate shared memory" in message else message
