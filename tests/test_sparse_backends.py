@@ -147,7 +147,9 @@ def test_the_visible_depthwise_convolution_has_autograd_gradients_without_runnin
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     for grad, ref_grad in zip(grads[:2], ref_grads[:2]):
         assert grad.dtype == torch.float32
-        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+        # in bf16 the two backward calls may take other CPU kernels (it differs by CPU): a few bf16 steps apart
+        atol = 4 * torch.finfo(torch.bfloat16).eps * ref_grad.abs().max().item() if autocast else 1e-6
+        torch.testing.assert_close(grad, ref_grad, rtol=0 if autocast else 1e-5, atol=atol)
     # the bias gradient is summed in fp32 (autograd's bf16 convolution rounds it to bf16)
     torch.testing.assert_close(grads[2], grad_out.to(out.dtype).float().sum(0), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grads[2], ref_grads[2], **({"rtol": 4e-3, "atol": 1e-2} if autocast else {}))

@@ -47,10 +47,9 @@ def run_entry_point(main: Callable[[list[str]], object], argv: list[str] | None 
         if debug:
             raise
         from .launch_errors import say_error
-
-        hint = "--debug or " if debug_flag else ""
         from .training.data.shared_memory import explain_shared_memory_error
 
+        hint = "--debug or " if debug_flag else ""
         message = explain_shared_memory_error(one_line(error))
         say_error(f"error: {message} ({hint}{DEBUG_ENV}=1 shows the traceback)", message)
         return 2

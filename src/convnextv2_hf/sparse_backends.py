@@ -22,7 +22,8 @@ from .sparse_ops import (
     block_rows,
     dense_conv_to_sparse,
     dense_dwconv_to_sparse,
-    scatter_to_grid,
+    map_from_rows,
+    rows_from_map,
     sparse_grn,
     visible_depthwise_conv,
 )
@@ -277,10 +278,10 @@ class MinkowskiBackend(SparseEncoderBackend):
         return block_rows(layer, features, y.F + dw.bias, sites.sample, sites.batch_size, grn_scope)
 
     def to_map(self, features, sites):
-        return scatter_to_grid(features, sites.flat, sites.batch_size, sites.size).permute(0, 3, 1, 2)
+        return map_from_rows(features, sites.flat, sites.batch_size, sites.size)
 
     def from_map(self, feature_map, sites):
-        return feature_map.permute(0, 2, 3, 1).reshape(-1, feature_map.shape[1]).index_select(0, sites.flat)
+        return rows_from_map(feature_map, sites.flat)
 
 
 SPARSE_BACKENDS: dict[str, type[SparseEncoderBackend]] = {

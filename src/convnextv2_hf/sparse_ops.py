@@ -74,6 +74,16 @@ def scatter_to_grid(rows: torch.Tensor, flat: torch.Tensor, batch_size: int, siz
     return dense.view(batch_size, *size, rows.shape[1])
 
 
+def map_from_rows(rows: torch.Tensor, flat: torch.Tensor, batch_size: int, size: tuple[int, int]) -> torch.Tensor:
+    """Rows (V, C) at flat raster indices -> a channels-first (N, C, H, W) map, zero everywhere else."""
+    return scatter_to_grid(rows, flat, batch_size, size).permute(0, 3, 1, 2)
+
+
+def rows_from_map(feature_map: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """A channels-first (N, C, H, W) map -> its rows (V, C) at flat raster indices."""
+    return feature_map.permute(0, 2, 3, 1).reshape(-1, feature_map.shape[1]).index_select(0, flat)
+
+
 class SiteIndex:
     """The visible sites of one stage: flat indices into (N * H * W), and each row's sample.
 
@@ -156,24 +166,24 @@ class VisibleDepthwiseConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, weight, bias, flat, batch_size: int, size: tuple[int, int], padding: tuple[int, int]):
-        grid = scatter_to_grid(rows, flat, batch_size, size).permute(0, 3, 1, 2)
+        grid = map_from_rows(rows, flat, batch_size, size)
         out = F.conv2d(grid, weight, bias, padding=padding, groups=weight.shape[0])  # autocast casts here
         ctx.save_for_backward(rows, weight, flat)
         ctx.grid, ctx.padding, ctx.dtype = (batch_size, size), padding, out.dtype
-        return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1]).index_select(0, flat)
+        return rows_from_map(out, flat)
 
     @staticmethod
     def backward(ctx, grad_rows):
         rows, weight, flat = ctx.saved_tensors
         grad_rows = grad_rows.to(ctx.dtype)
-        grad_grid = scatter_to_grid(grad_rows, flat, *ctx.grid).permute(0, 3, 1, 2)
+        grad_grid = map_from_rows(grad_rows, flat, *ctx.grid)
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_input = torch.nn.grad.conv2d_input((ctx.grid[0], rows.shape[1], *ctx.grid[1]), weight.to(ctx.dtype),
                                                     grad_grid, padding=ctx.padding, groups=weight.shape[0])
-            grad_input = grad_input.permute(0, 2, 3, 1).reshape(-1, rows.shape[1]).index_select(0, flat)
+            grad_input = rows_from_map(grad_input, flat)
         if ctx.needs_input_grad[1]:
-            grid = scatter_to_grid(rows.to(ctx.dtype), flat, *ctx.grid).permute(0, 3, 1, 2)
+            grid = map_from_rows(rows.to(ctx.dtype), flat, *ctx.grid)
             grad_weight = torch.nn.grad.conv2d_weight(grid, weight.shape, grad_grid, padding=ctx.padding,
                                                       groups=weight.shape[0]).to(weight.dtype)
         if ctx.needs_input_grad[2]:
