@@ -280,6 +280,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gpu_batches", nargs="+", type=int, default=[64, 256], help="gpu section: images per GPU")
     parser.add_argument("--gpu_time_budget", type=float, default=300,
                         help="gpu section: seconds for its training steps; compiled configurations left then are skipped")
+    parser.add_argument("--gpu_compile_mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="gpu section: torch.compile mode of the compiled rows (reduce-overhead: CUDA graphs)")
     parser.add_argument("--data_tables", nargs="+", default=["startup", "memory", "throughput"],
                         choices=["startup", "memory", "throughput"], help="data section: which tables")
     parser.add_argument("--data_sizes", nargs=2, type=int, default=[10_000, 100_000])

@@ -2,6 +2,8 @@
 
     python benchmarks/benchmark.py --device cuda --sections gpu --output benchmarks/results-cuda.md   # < 6 min, H200
     python benchmarks/benchmark.py --device cuda --sections gpu --gpu_presets tiny --gpu_time_budget 600  # all tiny rows
+    python benchmarks/benchmark.py --device cuda --sections gpu --gpu_presets base --gpu_batches 64 \
+        --gpu_compile_mode reduce-overhead --output benchmarks/results-cuda-graphs.md   # compiled rows in CUDA graphs
     python benchmarks/benchmark.py --sections gpu --quick        # the same code on the CPU, tiny sizes (test suite)
 
 Dense and gather backends x eager and compiled (inductor, fullgraph, static shapes) x tiny and base x 64 and 256
@@ -105,7 +107,8 @@ def step_job(preset: str, batch_size: int, backend: str, compiled: bool, plan: d
     torch.manual_seed(0)
     model = ConvNextV2ForMaskedImageModeling(model_config(preset, sparse_backend=backend)).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-    forward = torch.compile(model, backend=plan["compile"], fullgraph=True, dynamic=False) if compiled else model
+    forward = torch.compile(model, backend=plan["compile"], mode=plan.get("mode"), fullgraph=True,
+                            dynamic=False) if compiled else model
     batch = training_batch(batch_size, plan["image_size"], model.config.mask_cell_size, device)
 
     def forward_backward():
@@ -259,15 +262,16 @@ def step_table(steps: dict, plan: dict) -> list[str]:
 
 def gpu_section(args, common: dict) -> list[str]:
     """The section's markdown, for `benchmark.py --sections gpu` (`--quick`: tiny sizes on the CPU)."""
-    plan = QUICK if args.quick else dict(FULL, presets=tuple(args.gpu_presets), batches=tuple(args.gpu_batches))
+    plan = QUICK if args.quick else dict(FULL, presets=tuple(args.gpu_presets), batches=tuple(args.gpu_batches),
+                                         mode=args.gpu_compile_mode)
     device = args.device if not args.quick else "cpu"
     rows = [(p, b, backend, compiled) for p in plan["presets"] for b in plan["batches"]
             for backend in ("dense", "gather") for compiled in (False, True)]
     steps = run_steps(rows, plan, device, args.gpu_time_budget)
     lines = ["## FCMAE training step on the GPU" + (" (--quick: tiny model on the CPU)" if args.quick else ""), "",
              f"bf16 autocast, {plan['image_size']} px, mask 0.6, {'fused ' if device == 'cuda' else ''}AdamW; median "
-             f"of {plan['repeats']} steps after {plan['warmup']} warm-up; compiled: {plan['compile']}, fullgraph, "
-             "static shapes.", "", *step_table(steps, plan)]
+             f"of {plan['repeats']} steps after {plan['warmup']} warm-up; compiled: {plan['compile']} "
+             f"(mode {plan.get('mode') or 'default'}), fullgraph, static shapes.", "", *step_table(steps, plan)]
     preset = plan["presets"][-1]
     ema_ms = ema_job(preset, plan, device)
     copies = copy_job(plan["batches"][-1], plan, device)

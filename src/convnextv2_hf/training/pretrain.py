@@ -28,7 +28,7 @@ from .arguments import (DataArguments, ModelArguments, PretrainingArguments, def
 from .data.transforms import PretrainTransform
 from ..outputs.staging import PRETRAINING_MARKER, save_folder_atomically, save_model_and_processor
 from .device_settings import default_mixed_precision, precision_description, use_device_settings
-from .loops.fcmae import FCMAERun, TrainingPlan, TrainingState, resume, train
+from .loops.fcmae import FCMAERun, TrainingPlan, TrainingState, keep_gradient_buffers, resume, train
 from .data.masked_datasets import (
     EpochSampler, EvaluationMaskedDataset, MaskedImageDataset, StreamingMaskedImageDataset, collate)
 from .models import build_fcmae, gathered_model
@@ -274,8 +274,11 @@ def prepare_run(accelerator, model, processor, data: PretrainingData, model_args
         args.lr_scheduler_type, optimizer, num_warmup_steps=plan.warmup_steps * accelerator.num_processes,
         num_training_steps=plan.max_train_steps * accelerator.num_processes))
     pixel_stats = tuple(stat.to(accelerator.device) for stat in (transform.mean, transform.std))
+    cuda_graphs = args.torch_compile and args.torch_compile_mode == "reduce-overhead"
+    if cuda_graphs:
+        keep_gradient_buffers(model)
     return FCMAERun(accelerator, model, optimizer, scheduler, train_loader, train_dataset, sampler, plan, args,
-                    eval_loader=eval_loader, pixel_stats=pixel_stats)
+                    eval_loader=eval_loader, pixel_stats=pixel_stats, cuda_graphs=cuda_graphs)
 
 
 def train_loader_for(data: PretrainingData, transform, draw_mask, data_args, args, accelerator):

@@ -104,6 +104,7 @@ class FCMAERun:
     eval_loader: Any = None
     progress: Any = None
     pixel_stats: tuple | None = None  # (mean, std) on the device, for uint8 batches
+    cuda_graphs: bool = False  # `--torch_compile_mode reduce-overhead`: gradient buffers kept (`keep_gradient_buffers`)
 
 
 def normalized(run: FCMAERun, batch: dict) -> dict:
@@ -164,7 +165,7 @@ def train_one_epoch(run: FCMAERun, epoch: int, state: TrainingState, skip: int =
             accelerator.backward(loss)
             run.optimizer.step()
             run.scheduler.step()
-            run.optimizer.zero_grad()
+            run.optimizer.zero_grad(set_to_none=not run.cuda_graphs)
         gathered = accelerator.gather(loss.detach().float().reshape(1)).mean()
         running, seen = gathered if running is None else running + gathered, seen + 1
         if not accelerator.sync_gradients:
@@ -176,6 +177,18 @@ def train_one_epoch(run: FCMAERun, epoch: int, state: TrainingState, skip: int =
         if state.completed_steps >= run.plan.max_train_steps:
             break
     read_losses(run, state, pending)
+
+
+def keep_gradient_buffers(model: torch.nn.Module) -> None:
+    """Give every trainable parameter a zeroed `.grad` now, to be zeroed in place after each optimizer step.
+
+    Under CUDA graphs (`--torch_compile_mode reduce-overhead`) a gradient first made inside the captured backward
+    lives in the graph's memory, which the next replay writes over: with gradient accumulation torch stops the run
+    ("accessing gradient tensor output of CUDAGraphs that has been overwritten"). Buffers made outside the graph
+    are accumulated into instead."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
 
 
 def after_step(run: FCMAERun, state: TrainingState, pending: list) -> None:
