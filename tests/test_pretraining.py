@@ -72,12 +72,15 @@ def test_resume_continues_the_same_loss_trajectory(images, tmp_path):
 
 
 def test_two_processes_with_half_batch_match_one_process(images, tmp_path):
+    """With tracking too: the trackers end, and the process group closes, only after the final model is saved."""
     common = tiny_args(images, tmp_path / "one", "--max_train_steps", "3", "--skip_corrupt_images")
     pretrain(common)
     two = tmp_path / "two"
-    args = tiny_args(images, two, "--max_train_steps", "3", "--skip_corrupt_images")
+    args = tiny_args(images, two, "--max_train_steps", "3", "--skip_corrupt_images", "--with_tracking")
     args[args.index("--per_device_train_batch_size") + 1] = "2"
-    assert "total batch 4" in launch_two_processes(SCRIPT, args).stdout
+    result = launch_two_processes(SCRIPT, args)
+    assert "total batch 4" in result.stdout and "destroy_process_group" not in result.stderr
+    assert list(two.glob("fcmae/events.out.tfevents.*")) and (two / "model.safetensors").is_file()
     for (_, a), (_, b) in zip(history(tmp_path / "one"), history(two)):
         assert a == pytest.approx(b, rel=1e-4)
 

@@ -106,7 +106,17 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: Finetuning
         training_args.push_to_hub = False
     lock, resume = claim_and_resolve_output_dir(training_args, recipe)
     with lock:
-        return finetune(model_args, data_args, recipe, training_args, resume, push)
+        metrics = finetune(model_args, data_args, recipe, training_args, resume, push)
+    close_process_group()
+    return metrics
+
+
+def close_process_group() -> None:
+    """After a run that went well (not after an error, when a peer may still wait in a collective): a gloo group
+    left open at exit can abort the process ("terminate called without an active exception")."""
+    from accelerate import PartialState
+
+    PartialState().destroy_process_group()
 
 
 def finetune(model_args, data_args, recipe, training_args, resume: str | None, push: bool) -> dict:

@@ -81,7 +81,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: PretrainingA
     accelerator = build_accelerator(args)
     set_seed(args.seed)
     with claim_main_process_output_dir(args, accelerator):
-        return pretrain(accelerator, model_args, data_args, args)
+        results = pretrain(accelerator, model_args, data_args, args)
+    # trackers finished, and the process group closed: at exit a live gloo group can abort the process
+    # ("terminate called without an active exception") after a run that went well
+    accelerator.end_training()
+    return results
 
 
 def pretrain(accelerator, model_args: ModelArguments, data_args: DataArguments, args: PretrainingArguments) -> dict:
@@ -102,8 +106,6 @@ def pretrain(accelerator, model_args: ModelArguments, data_args: DataArguments, 
     finally:
         fcmae_run.progress.close()  # an error message then starts on a line of its own
     speed = training_speed(fcmae_run, state.completed_steps - first_step, time.perf_counter() - started)
-    if args.with_tracking:
-        accelerator.end_training()
     return finish(fcmae_run, state, data, processor, model_args, data_args, speed)
 
 
