@@ -116,7 +116,7 @@ def test_torch_compile_flag_trains_as_eager_without_recompiles(tmp_path):
     """`run_fcmae.py --torch_compile` (inductor, fp32 on the CPU): the same losses as eager within 1e-5, no
     recompilation over the run's steps, checkpoints that load, and the card says so. The compiled run asks for CUDA
     graphs (which inductor leaves out on the CPU) with gradient accumulation: its gradients go into buffers kept over
-    the run and zeroed in place, and still add up as eager's do."""
+    the run and zeroed in place, and still add up as eager's do; the log says that the graphs were left out."""
     import json
 
     from conftest import PRETRAIN, TINY_OVERRIDES, make_image_folder
@@ -132,6 +132,8 @@ def test_torch_compile_flag_trains_as_eager_without_recompiles(tmp_path):
                             TORCH_LOGS="recompiles")
         histories[name] = json.loads((tmp_path / name / "train_results.json").read_text())["loss_history"]
         assert "Recompiling" not in result.stderr, result.stderr[-3000:]
+        said = "asked for CUDA graphs, but inductor left them out" in result.stderr
+        assert said == (name == "compiled" and not torch.cuda.is_available()), result.stderr[-3000:]
     assert [step for step, _ in histories["compiled"]] == [1, 2, 3, 4]
     for (_, eager), (_, compiled) in zip(histories["eager"], histories["compiled"]):
         assert abs(eager - compiled) < 1e-5

@@ -105,6 +105,7 @@ class FCMAERun:
     progress: Any = None
     pixel_stats: tuple | None = None  # (mean, std) on the device, for uint8 batches
     cuda_graphs: bool = False  # `--torch_compile_mode reduce-overhead`: gradient buffers kept (`keep_gradient_buffers`)
+    cuda_graphs_checked: bool = False  # whether `say_if_cuda_graphs_left_out` has looked (after the first step)
 
 
 def normalized(run: FCMAERun, batch: dict) -> dict:
@@ -191,9 +192,25 @@ def keep_gradient_buffers(model: torch.nn.Module) -> None:
             parameter.grad = torch.zeros_like(parameter)
 
 
+def say_if_cuda_graphs_left_out(run: FCMAERun) -> None:
+    """Once, after the first step in `--torch_compile_mode reduce-overhead`: inductor leaves CUDA graphs out without
+    a word (always on a CPU; on a GPU for a graph it cannot capture), and the run is then only compiled."""
+    from torch._dynamo.utils import counters
+
+    run.cuda_graphs_checked = True
+    skipped = counters["inductor"]["cudagraph_skips"]
+    if skipped and run.accelerator.is_main_process:
+        device = run.accelerator.device.type
+        why = "TORCH_LOGS=cudagraphs names the reason" if device == "cuda" else "they exist only on CUDA"
+        logger.warning("--torch_compile_mode reduce-overhead asked for CUDA graphs, but inductor left them out of %d "
+                       "compiled graph(s) on %s (%s); the run goes on compiled, without them.", skipped, device, why)
+
+
 def after_step(run: FCMAERun, state: TrainingState, pending: list) -> None:
     if run.progress is not None:
         run.progress.update(1)
+    if run.cuda_graphs and not run.cuda_graphs_checked:
+        say_if_cuda_graphs_left_out(run)
     every = run.plan.checkpoint_every
     checkpoint_now = isinstance(every, int) and state.completed_steps % every == 0
     if checkpoint_now or state.completed_steps % run.args.logging_steps == 0:
