@@ -111,7 +111,7 @@ def test_config_accepts_exactly_the_registered_backends():
 def test_the_visible_depthwise_convolution_has_autograd_gradients_without_running_again(autocast):
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from convnextv2_hf.sparse_ops import SiteIndex, visible_depthwise_conv
+    from convnextv2_hf.sparse_ops import SiteIndex, scatter_to_grid, visible_depthwise_conv
 
     class Ops(TorchDispatchMode):
         def __init__(self):
@@ -139,7 +139,8 @@ def test_the_visible_depthwise_convolution_has_autograd_gradients_without_runnin
         return out, [rows.grad, conv.weight.grad, conv.bias.grad], ops.names
 
     def through_autograd():  # the same maths, differentiated by autograd through scatter, convolution and gather
-        return sites.gather(conv(sites.scatter(rows).permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        grid = scatter_to_grid(rows, sites.flat, sites.batch_size, sites.size)
+        return sites.gather(conv(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
     out, grads, ops = gradients(lambda: visible_depthwise_conv(conv, rows, sites))
     ref, ref_grads, _ = gradients(through_autograd)

@@ -149,8 +149,8 @@ class DenseMaskedBackend(SparseEncoderBackend):
 
 
 def depthwise_conv_rows(conv: nn.Conv2d, rows: torch.Tensor, sites: SiteIndex) -> torch.Tensor:
-    """The depthwise convolution at the visible sites: scatter to a channels-last grid, convolve, gather back."""
-    return sites.gather(conv(sites.scatter(rows).permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+    """The depthwise convolution at the visible sites: scatter to a grid, convolve, gather back."""
+    return rows_from_map(conv(map_from_rows(rows, sites.flat, sites.batch_size, sites.size)), sites.flat)
 
 
 class GatherScatterBackend(SparseEncoderBackend):
@@ -186,10 +186,10 @@ class GatherScatterBackend(SparseEncoderBackend):
         return block_rows(layer, features, conv_rows, sites.sample, sites.batch_size, grn_scope, sites.rows_per_image)
 
     def to_map(self, features, sites):
-        return sites.scatter(features).permute(0, 3, 1, 2)
+        return map_from_rows(features, sites.flat, sites.batch_size, sites.size)
 
     def from_map(self, feature_map, sites):
-        return sites.gather(feature_map.permute(0, 2, 3, 1))
+        return rows_from_map(feature_map, sites.flat)
 
 
 def minkowski_engine_available() -> bool:
@@ -277,11 +277,8 @@ class MinkowskiBackend(SparseEncoderBackend):
                        bias=False)
         return block_rows(layer, features, y.F + dw.bias, sites.sample, sites.batch_size, grn_scope)
 
-    def to_map(self, features, sites):
-        return map_from_rows(features, sites.flat, sites.batch_size, sites.size)
-
-    def from_map(self, feature_map, sites):
-        return rows_from_map(feature_map, sites.flat)
+    # rows at flat raster sites of a grid, as the gather backend's
+    to_map, from_map = GatherScatterBackend.to_map, GatherScatterBackend.from_map
 
 
 SPARSE_BACKENDS: dict[str, type[SparseEncoderBackend]] = {

@@ -126,10 +126,6 @@ class SiteIndex:
         """(N, H, W, C) -> packed rows (V, C)."""
         return dense_last.reshape(self.num_sites, -1).index_select(0, self.flat)
 
-    def scatter(self, rows: torch.Tensor) -> torch.Tensor:
-        """Packed rows (V, C) -> (N, H, W, C), zero at masked sites."""
-        return scatter_to_grid(rows, self.flat, self.batch_size, self.size)
-
     def coordinates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sample, row, column) of every visible site."""
         local = self.flat - self.sample * (self.size[0] * self.size[1])
